@@ -26,12 +26,14 @@ class NasNode:
         kind: ``input``, ``fork``, ``merge`` or ``output``.
         cell: module path of the cell the node belongs to ("" for the root module).
         shape: tensor shape propagated from the example input, or an empty list.
+        inputs: for a merge, how many values it adds; 0 for other kinds.
     """
 
     name: str
     kind: str
     cell: str = ""
     shape: list[int] = field(default_factory=list)
+    inputs: int = 0
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Edge:
         entry: name of the NAS node whose value the edge reads.
         exit: name of the last node of the edge's operation (the entry for an empty chain).
         merge: name of the additive merge the edge feeds.
+        consumer: name of the add node that reads the edge's value: the merge itself, or one
+            of the inner adds that a merge of more than two inputs is made of.
+        consumer_arg: position of the edge's value among the consumer's arguments.
         nodes: names of the nodes that make up the edge's operation, in graph order.
         ops: a short label for each operation along the edge, in graph order.
         options: the options the edge admits, a subset of ``OPTIONS`` in that order.
@@ -66,6 +71,8 @@ class Edge:
     entry: str
     exit: str
     merge: str
+    consumer: str
+    consumer_arg: int
     nodes: list[str]
     ops: list[str]
     options: list[str]

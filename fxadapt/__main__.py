@@ -1,0 +1,7 @@
+"""Runs the fxadapt command line: ``python -m fxadapt`` (also under torchrun)."""
+
+import sys
+
+from fxadapt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,351 @@
+"""The ``fxadapt`` command: wrap, train, export and draw.
+
+Results go to standard output, errors and progress to standard error. An error the user can
+fix is one line and exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from fxadapt.data import DATASETS
+from fxadapt.edges import EdgeTable
+from fxadapt.errors import FxadaptError
+from fxadapt.export import FORMATS
+from fxadapt.trainer import EpochRecord, TrainConfig, TrainProgress
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line and returns its exit status."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    _configure_logging(arguments.verbose, arguments.debug)
+    try:
+        arguments.handler(arguments)
+    except KeyboardInterrupt:
+        stderr.print("[red]error:[/red] interrupted")
+        return 130
+    except FxadaptError as err:
+        return _fail(err, arguments.debug, status=2)
+    except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line
+        return _fail(err, arguments.debug, status=1, unexpected=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the ``fxadapt`` command."""
+    parser = argparse.ArgumentParser(
+        prog="fxadapt",
+        description="Adapt the architecture of a PyTorch network while it trains.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    parser.set_defaults(debug=False, verbose=False)
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    wrap = commands.add_parser(
+        "wrap", parents=[common], help="list a model's edges and draw its supernet"
+    )
+    _add_model_options(wrap)
+    wrap.add_argument(
+        "--input-shape",
+        default="3,32,32",
+        help="shape of one example input, channels first (default 3,32,32)",
+    )
+    wrap.add_argument(
+        "--out", help="folder for edges.json and the diagrams (default wrap-CLASS)"
+    )
+    wrap.add_argument("--no-draw", action="store_true", help="skip the diagrams")
+    wrap.set_defaults(handler=_wrap)
+
+    train = commands.add_parser(
+        "train", parents=[common], help="adapt and train a model, then export and draw it"
+    )
+    _add_model_options(train)
+    _add_data_options(train)
+    _add_training_options(train)
+    output = train.add_argument_group("output")
+    output.add_argument("--out", help="run directory (default runs/CLASS-DATA)")
+    output.add_argument(
+        "--overwrite", action="store_true", help="replace a run directory that holds files"
+    )
+    output.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=FORMATS,
+        help="export format, repeatable (default torchscript)",
+    )
+    output.add_argument("--no-draw", action="store_true", help="skip the diagrams")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser(
+        "export", parents=[common], help="export a run's derived module"
+    )
+    export.add_argument("run", help="run directory written by fxadapt train")
+    export.add_argument(
+        "--format", default="torchscript", choices=FORMATS, help="file format (default torchscript)"
+    )
+    export.set_defaults(handler=_export)
+
+    draw = commands.add_parser("draw", parents=[common], help="draw a run's diagrams again")
+    draw.add_argument("run", help="run directory written by fxadapt train")
+    draw.set_defaults(handler=_draw)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="path/to/file.py:Class or package.module:Class")
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model-arg",
+        dest="model_args",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="constructor argument, repeatable; VALUE is a Python literal",
+    )
+    group.add_argument(
+        "--granularity", default="branch", choices=("branch",), help="what an edge is"
+    )
+    group.add_argument(
+        "--scope",
+        default="full",
+        choices=("full", "cell"),
+        help="full: a theta per edge; cell: a theta per edge position of a cell type",
+    )
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", default="digits", choices=DATASETS, help="data set (default digits, embedded)"
+    )
+    group.add_argument("--data-dir", help="folder of the data set (not needed for digits)")
+    group.add_argument(
+        "--train-limit", type=int, help="class-balanced subset of N training images"
+    )
+    group.add_argument("--test-limit", type=int, help="class-balanced subset of N test images")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help=f"total epochs (default {defaults.epochs})"
+    )
+    group.add_argument(
+        "--arch-epochs",
+        type=int,
+        default=defaults.arch_epochs,
+        help=f"epochs of the architecture stage (default {defaults.arch_epochs})",
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help=f"images per batch (default {defaults.batch_size})"
+    )
+    group.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"learning rate of the weights (default {defaults.lr})"
+    )
+    group.add_argument(
+        "--arch-lr", type=float, default=defaults.arch_lr, help=f"learning rate of theta, Adam (default {defaults.arch_lr})"
+    )
+    group.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help=f"weight decay of the weights (default {defaults.weight_decay})"
+    )
+    group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
+    group.add_argument(
+        "--device", default=defaults.device, help="cpu, cuda or cuda:N (default cpu)"
+    )
+
+
+def _wrap(arguments: argparse.Namespace) -> None:
+    from fxadapt.api import edge_table
+    from fxadapt.loading import parse_model_args
+    from fxadapt.report import edge_table_view
+    from fxadapt.run import WrapOptions, wrap_model
+
+    input_shape = _parse_shape(arguments.input_shape)
+    options = WrapOptions(
+        model=arguments.model,
+        model_args=parse_model_args(arguments.model_args),
+        granularity=arguments.granularity,
+        scope=arguments.scope,
+    )
+    _, wrapped = wrap_model(options, input_shape)
+    table = edge_table(wrapped)
+    stdout.print(edge_table_view(table, title=f"Edges of {arguments.model}"))
+    _print_cells(table)
+    out = Path(arguments.out or f"wrap-{arguments.model.rpartition(':')[2]}")
+    out.mkdir(parents=True, exist_ok=True)
+    table.save(out / "edges.json")
+    stdout.print(f"edge table: {out / 'edges.json'}")
+    if not arguments.no_draw:
+        from fxadapt.draw import draw_cell_types, draw_network
+
+        paths = draw_cell_types(table, out) + draw_network(wrapped, table, out, name="supernet")
+        stdout.print("diagrams: " + ", ".join(str(path) for path in paths if path.suffix == ".svg"))
+
+
+def _train(arguments: argparse.Namespace) -> None:
+    from fxadapt.loading import parse_model_args
+    from fxadapt.report import cost_table_view, edge_table_view
+    from fxadapt.run import RunOptions, WrapOptions, train_run
+
+    class_name = arguments.model.rpartition(":")[2]
+    out = arguments.out or f"runs/{class_name}-{arguments.data}"
+    options = RunOptions(
+        wrap=WrapOptions(
+            model=arguments.model,
+            model_args=parse_model_args(arguments.model_args),
+            granularity=arguments.granularity,
+            scope=arguments.scope,
+        ),
+        out=out,
+        data=arguments.data,
+        data_dir=arguments.data_dir,
+        train_limit=arguments.train_limit,
+        test_limit=arguments.test_limit,
+        train=TrainConfig(
+            epochs=arguments.epochs,
+            arch_epochs=arguments.arch_epochs,
+            batch_size=arguments.batch_size,
+            lr=arguments.lr,
+            arch_lr=arguments.arch_lr,
+            weight_decay=arguments.weight_decay,
+            seed=arguments.seed,
+            device=arguments.device,
+        ),
+        formats=tuple(arguments.formats or ("torchscript",)),
+        overwrite=arguments.overwrite,
+        draw=not arguments.no_draw,
+    )
+    with _RichProgress() as progress:
+        report = train_run(options, progress)
+
+    from fxadapt.edges import EdgeTable as Table
+
+    table = Table.load(Path(out) / "edges.json")
+    stdout.print(edge_table_view(table, title="Edge decisions"))
+    stdout.print(cost_table_view(report["costs"]))
+    accuracy = report["accuracy"]["test"]
+    stdout.print(
+        f"test accuracy {100 * accuracy:.2f}%; "
+        f"{report['summary']['changed']} of {report['summary']['edges']} edges changed"
+    )
+    stdout.print(f"run directory: {out} (report.md, model.ts, diagrams/)")
+
+
+def _export(arguments: argparse.Namespace) -> None:
+    from fxadapt.run import export_run
+
+    path = export_run(arguments.run, arguments.format)
+    stdout.print(f"wrote {path}")
+
+
+def _draw(arguments: argparse.Namespace) -> None:
+    from fxadapt.run import draw_run
+
+    paths = draw_run(arguments.run)
+    stdout.print("\n".join(str(path) for path in paths))
+
+
+def _print_cells(table: EdgeTable) -> None:
+    groups = len(table.theta_groups())
+    stdout.print(
+        f"{len(table.edges)} edges, {groups} theta groups ({table.scope} scope), "
+        f"{sum('identity' in edge.options for edge in table.edges)} allow identity, "
+        f"{sum('none' in edge.options for edge in table.edges)} allow none"
+    )
+    for name, cells in table.cell_types.items():
+        stdout.print(f"cell type {name}: {len(cells)} cells ({', '.join(cells[:4])}"
+                     f"{', ...' if len(cells) > 4 else ''})")
+    for path, reason in table.leaves.items():
+        stdout.print(f"leaf {path}: {reason}")
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise FxadaptError(f"invalid --input-shape {text!r}: write positive sizes like 3,32,32")
+    return shape
+
+
+class _RichProgress(TrainProgress):
+    """Shows one progress bar per epoch with the running loss, accuracy and speed."""
+
+    def __enter__(self):
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[accuracy]:.1%}"),
+            TextColumn("{task.fields[speed]:.0f} img/s"),
+            TimeElapsedColumn(),
+            console=stderr,
+        )
+        self.bar.__enter__()
+        self.task = None
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bar.__exit__(*exc_info)
+
+    def epoch_started(self, stage: str, epoch: int, epochs: int, batches: int) -> None:
+        self.task = self.bar.add_task(
+            f"{stage:<12} epoch {epoch + 1}/{epochs}", total=batches, loss=0.0, accuracy=0.0, speed=0.0
+        )
+
+    def batch_done(self, loss: float, accuracy: float, images_per_second: float) -> None:
+        self.bar.update(self.task, advance=1, loss=loss, accuracy=accuracy, speed=images_per_second)
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        self.bar.console.print(
+            f"epoch {record.epoch} ({record.stage}): test accuracy {record.test_accuracy:.2%}, "
+            f"test loss {record.test_loss:.3f}"
+        )
+
+    def derived(self, table: EdgeTable) -> None:
+        changed = [edge for edge in table.edges if edge.changed]
+        self.bar.console.print(
+            f"derived: {len(changed)} of {len(table.edges)} edges changed"
+            + "".join(f"; {edge.name} {edge.decision}" for edge in changed[:8])
+        )
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=stderr, show_time=False, show_path=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+
+
+def _fail(err: BaseException, debug: bool, *, status: int, unexpected: bool = False) -> int:
+    if debug:
+        stderr.print_exception()
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if unexpected:
+        message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
+    stderr.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Graph passes: each takes a GraphModule and the edge table and returns a new GraphModule."""
+
+from fxadapt.passes.derive import decide, derive
+from fxadapt.passes.fold import fold_theta_scales
+from fxadapt.passes.guard import check_reachability, guard_decisions
+from fxadapt.passes.insert import MIXED_ROOT, insert_mixed_edges
+
+__all__ = [
+    "MIXED_ROOT",
+    "check_reachability",
+    "decide",
+    "derive",
+    "fold_theta_scales",
+    "guard_decisions",
+    "insert_mixed_edges",
+]
