@@ -99,8 +99,9 @@ def _write(module: nn.Module, path: str, example_input: torch.Tensor, format: st
                 # is still the format this method's users deploy, and model.pt2 is written too.
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 warnings.filterwarnings("ignore", category=FutureWarning)
-                scripted = torch.jit.script(module)
-            torch.jit.save(scripted, path)
+                # GraphModule keeps plain dicts (its meta) that TorchScript leaves out anyway.
+                warnings.filterwarnings("ignore", message=".*instance-level annotations.*")
+                torch.jit.save(torch.jit.script(module), path)
         else:
             program = torch.export.export(module, (example_input,))
             torch.export.save(program, path)

@@ -15,6 +15,26 @@ __all__ = ["build_report", "write_report", "edge_rows", "edge_table_view", "cost
 
 _EDGE_COLUMNS = ("edge", "cell", "cell type", "operation", "options", "theta", "decision")
 
+# Short names of common operations, so that an edge's operation fits in a table cell.
+_SHORT_OPS = {
+    "Conv1d": "conv",
+    "Conv2d": "conv",
+    "Conv3d": "conv",
+    "BatchNorm1d": "bn",
+    "BatchNorm2d": "bn",
+    "BatchNorm3d": "bn",
+    "LayerNorm": "ln",
+    "Linear": "linear",
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "hardtanh": "relu6",
+    "getitem": "slice",
+    "adaptive_avg_pool2d": "avgpool",
+    "AdaptiveAvgPool2d": "avgpool",
+    "MaxPool2d": "maxpool",
+    "AvgPool2d": "avgpool",
+}
+
 
 def build_report(
     *,
@@ -84,7 +104,7 @@ def edge_table_view(table: EdgeTable, title: str = "Edges") -> Table:
     """Returns a rich table of the edges, changed decisions in red."""
     view = Table(title=title, title_justify="left")
     for column in _EDGE_COLUMNS:
-        view.add_column(column, no_wrap=column in ("edge", "decision"))
+        view.add_column(column, no_wrap=column not in ("operation", "cell"))
     for row in edge_rows(table):
         decision = row["decision"] or "-"
         if row["guarded"]:
@@ -96,10 +116,11 @@ def edge_table_view(table: EdgeTable, title: str = "Edges") -> Table:
             row["cell"],
             row["cell_type"],
             row["operation"],
-            ", ".join(row["options"]),
+            "/".join(option[0] for option in row["options"]),
             _theta_text(row["theta"]),
             decision,
         )
+    view.caption = "options: s same, i identity, n none; theta per option"
     return view
 
 
@@ -131,13 +152,18 @@ def _ratios(costs: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _operation(ops: list[str]) -> str:
-    return "·".join(ops) if ops else "skip"
+    """Returns an edge's operation in short words, such as ``conv·bn·relu·conv·bn``."""
+    if not ops:
+        return "skip"
+    return "·".join(_SHORT_OPS.get(op, op) for op in ops)
 
 
 def _theta_text(theta: dict[str, float] | None) -> str:
     if not theta:
         return "-"
-    return " ".join(f"{option[0]}={value:+.3f}" for option, value in theta.items())
+    return " ".join(
+        f"{option[0]}{value:+.2f}" for option, value in theta.items() if option != "none"
+    )
 
 
 def _markdown(report: dict) -> str:
