@@ -293,6 +293,14 @@ class _RichProgress(TrainProgress):
     """Shows one progress bar per epoch with the running loss, accuracy and speed."""
 
     def __enter__(self):
+        self.bar = None
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+    def _start(self) -> None:
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -303,13 +311,10 @@ class _RichProgress(TrainProgress):
             console=stderr,
         )
         self.bar.__enter__()
-        self.task = None
-        return self
-
-    def __exit__(self, *exc_info):
-        self.bar.__exit__(*exc_info)
 
     def epoch_started(self, stage: str, epoch: int, epochs: int, batches: int) -> None:
+        if self.bar is None:
+            self._start()
         self.task = self.bar.add_task(
             f"{stage:<12} epoch {epoch + 1}/{epochs}", total=batches, loss=0.0, accuracy=0.0, speed=0.0
         )

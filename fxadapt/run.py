@@ -24,7 +24,7 @@ from fxadapt.export import FORMAT_TO_FILENAME, export
 from fxadapt.loading import build_model
 from fxadapt.report import build_report, write_report
 from fxadapt.rundir import RunDir
-from fxadapt.trainer import EpochRecord, Trainer, TrainConfig, TrainProgress
+from fxadapt.trainer import EpochRecord, TrainConfig, Trainer, TrainProgress, resolve_device
 
 __all__ = [
     "RunOptions",
@@ -101,6 +101,8 @@ def train_run(options: RunOptions, progress: TrainProgress | None = None) -> dic
         FxadaptError: for bad input, with a message that says what to change.
     """
     options.train.check()
+    RunDir.check_free(options.out, overwrite=options.overwrite)
+    resolve_device(options.train.device)
     data = load_data(
         options.data,
         options.data_dir,

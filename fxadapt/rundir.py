@@ -45,16 +45,22 @@ class RunDir:
                     "folder of a finished `fxadapt train`"
                 )
             return
-        if self.path.exists() and not self.path.is_dir():
-            raise FxadaptError(f"{self.path} exists and is not a folder: choose another --out")
+        self.check_free(self.path, overwrite=overwrite)
         if self.path.is_dir() and any(self.path.iterdir()):
-            if not overwrite:
-                raise FxadaptError(
-                    f"run directory {self.path} already holds files: pass --overwrite to "
-                    "replace them, or choose another --out"
-                )
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def check_free(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Raises FxadaptError when a new run may not be written to ``path``."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FxadaptError(f"{path} exists and is not a folder: choose another --out")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise FxadaptError(
+                f"run directory {path} already holds files: pass --overwrite to replace them, "
+                "or choose another --out"
+            )
 
     def file(self, name: str) -> Path:
         """Returns the path of ``name`` inside the run directory."""

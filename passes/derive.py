@@ -56,7 +56,7 @@ def decide(
         graph_module: a wrapped GraphModule whose theta have been trained.
         table: its edge table.
         edge_id_to_decision: decisions to apply instead of reading them from theta, as when a
-            derived run is rebuilt from a checkpoint. The guard is not applied to them again.
+            derived run is rebuilt from a checkpoint. The guard applies to them too.
 
     Returns:
         The edge table with decisions.
@@ -78,8 +78,7 @@ def decide(
                 f"{edge.options}: the decisions come from another model or options"
             )
         edge.decision = decision
-    if edge_id_to_decision is None:
-        result = guard_decisions(result)
+    result = guard_decisions(result)
     for edge in result.edges:
         logger.debug("edge %s: %s %s", edge.name, edge.decision, edge.theta_values)
     return result
@@ -166,7 +165,8 @@ def _drop_none_inputs(graph: torch.fx.Graph, none_values: set[torch.fx.Node]) ->
         kept = [arg for arg in node.all_input_nodes if arg not in none_values]
         if len(node.all_input_nodes) != 2 or len(kept) > 1:
             raise FxadaptError(
-                f"node {node.name} reads an edge decided none but is not an add of two values"
+                f"node {node.name} reads a merge that lost all its inputs; the guard should "
+                "have kept one: rerun with --debug and report the edge table"
             )
         if kept:
             node.replace_all_uses_with(kept[0])

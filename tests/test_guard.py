@@ -73,3 +73,11 @@ def test_reachability_names_the_lost_input():
     with pytest.raises(FxadaptError, match="output 1 no longer depends on input y"):
         check_reachability(broken, reference)
     check_reachability(reference, reference)
+
+
+def test_guard_applies_to_given_decisions(example_input):
+    wrapped = fxadapt.wrap(TwoBranch(), example_input)
+    table = fxadapt.edge_table(fxadapt.derive(wrapped, {0: "none", 1: "none"}))
+
+    assert [edge.decision for edge in table.edges] == ["same", "none"]
+    assert table.edges[0].guarded
