@@ -1,5 +1,6 @@
 """Shared fixtures: small models with known edges, and the path of the shared CIFAR-10."""
 
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,20 @@ def randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
                     layer.weight.copy_(torch.rand(size, generator=generator) + 0.5)
                     layer.bias.copy_(torch.randn(size, generator=generator) * 0.1)
     return module
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> Path:
+    """Unpacks the shared CIFAR-10 JPEG tree once per test session."""
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(f"real CIFAR-10 not available: {CIFAR_TARBALL} is absent")
+    root = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(CIFAR_TARBALL) as archive:
+        archive.extractall(root, filter="data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A decoded-image cache private to the test session."""
+    return tmp_path_factory.mktemp("cache")
