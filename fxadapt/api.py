@@ -1,11 +1,11 @@
 """The Python API: wrap a model, train it with your own loop, derive it and export it.
 
-    wrapped = fxadapt.wrap(model, example_input)
-    weights = torch.optim.SGD(fxadapt.weight_parameters(wrapped), lr=0.025, momentum=0.9)
-    thetas = torch.optim.Adam(fxadapt.arch_parameters(wrapped), lr=1e-3)
-    ...  # for every batch: a step of weights, then a step of thetas on the same batch
-    derived = fxadapt.derive(wrapped)
-    fxadapt.export(derived, "model.ts", example_input)
+wrapped = fxadapt.wrap(model, example_input)
+weights = torch.optim.SGD(fxadapt.weight_parameters(wrapped), lr=0.025, momentum=0.9)
+thetas = torch.optim.Adam(fxadapt.arch_parameters(wrapped), lr=1e-3)
+...  # for every batch: a step of weights, then a step of thetas on the same batch
+derived = fxadapt.derive(wrapped)
+fxadapt.export(derived, "model.ts", example_input)
 """
 
 from __future__ import annotations

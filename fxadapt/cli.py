@@ -20,7 +20,7 @@ from fxadapt.data import DATASETS
 from fxadapt.edges import EdgeTable
 from fxadapt.errors import FxadaptError
 from fxadapt.export import FORMATS
-from fxadapt.trainer import EpochRecord, TrainConfig, TrainProgress
+from fxadapt.trainer import ARCH_UPDATES, EpochRecord, TrainConfig, TrainProgress
 
 __all__ = ["main", "build_parser"]
 
@@ -68,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="3,32,32",
         help="shape of one example input, channels first (default 3,32,32)",
     )
-    wrap.add_argument(
-        "--out", help="folder for edges.json and the diagrams (default wrap-CLASS)"
-    )
+    wrap.add_argument("--out", help="folder for edges.json and the diagrams (default wrap-CLASS)")
     wrap.add_argument("--no-draw", action="store_true", help="skip the diagrams")
     wrap.set_defaults(handler=_wrap)
 
@@ -95,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-draw", action="store_true", help="skip the diagrams")
     train.set_defaults(handler=_train)
 
-    export = commands.add_parser(
-        "export", parents=[common], help="export a run's derived module"
-    )
+    export = commands.add_parser("export", parents=[common], help="export a run's derived module")
     export.add_argument("run", help="run directory written by fxadapt train")
     export.add_argument(
         "--format", default="torchscript", choices=FORMATS, help="file format (default torchscript)"
@@ -138,9 +134,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data", default="digits", choices=DATASETS, help="data set (default digits, embedded)"
     )
     group.add_argument("--data-dir", help="folder of the data set (not needed for digits)")
-    group.add_argument(
-        "--train-limit", type=int, help="class-balanced subset of N training images"
-    )
+    group.add_argument("--train-limit", type=int, help="class-balanced subset of N training images")
     group.add_argument("--test-limit", type=int, help="class-balanced subset of N test images")
 
 
@@ -148,7 +142,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help=f"total epochs (default {defaults.epochs})"
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help=f"total epochs (default {defaults.epochs})",
     )
     group.add_argument(
         "--arch-epochs",
@@ -157,16 +154,48 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help=f"epochs of the architecture stage (default {defaults.arch_epochs})",
     )
     group.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help=f"images per batch (default {defaults.batch_size})"
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"images per batch (default {defaults.batch_size})",
     )
     group.add_argument(
-        "--lr", type=float, default=defaults.lr, help=f"learning rate of the weights (default {defaults.lr})"
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help=f"learning rate of the weights (default {defaults.lr})",
     )
     group.add_argument(
-        "--arch-lr", type=float, default=defaults.arch_lr, help=f"learning rate of theta, Adam (default {defaults.arch_lr})"
+        "--arch-lr",
+        type=float,
+        default=defaults.arch_lr,
+        help=f"learning rate of theta, Adam (default {defaults.arch_lr})",
     )
     group.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay, help=f"weight decay of the weights (default {defaults.weight_decay})"
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help=f"weight decay of the weights (default {defaults.weight_decay})",
+    )
+    group.add_argument(
+        "--arch-update",
+        default=defaults.arch_update,
+        choices=ARCH_UPDATES,
+        help="alternate: weight step then theta step on each batch (the method, default); "
+        "joint: both from one backward pass (faster, a deviation)",
+    )
+    group.add_argument(
+        "--arch-every",
+        type=int,
+        default=defaults.arch_every,
+        metavar="K",
+        help="take a theta step on every K-th batch (default 1)",
+    )
+    group.add_argument(
+        "--grad-clip",
+        type=float,
+        default=defaults.grad_clip,
+        help=f"maximum gradient norm of the weights, 0 for none (default {defaults.grad_clip})",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
     group.add_argument(
@@ -228,6 +257,9 @@ def _train(arguments: argparse.Namespace) -> None:
             lr=arguments.lr,
             arch_lr=arguments.arch_lr,
             weight_decay=arguments.weight_decay,
+            arch_update=arguments.arch_update,
+            arch_every=arguments.arch_every,
+            grad_clip=arguments.grad_clip or None,
             seed=arguments.seed,
             device=arguments.device,
         ),
@@ -273,8 +305,10 @@ def _print_cells(table: EdgeTable) -> None:
         f"{sum('none' in edge.options for edge in table.edges)} allow none"
     )
     for name, cells in table.cell_types.items():
-        stdout.print(f"cell type {name}: {len(cells)} cells ({', '.join(cells[:4])}"
-                     f"{', ...' if len(cells) > 4 else ''})")
+        stdout.print(
+            f"cell type {name}: {len(cells)} cells ({', '.join(cells[:4])}"
+            f"{', ...' if len(cells) > 4 else ''})"
+        )
     for path, reason in table.leaves.items():
         stdout.print(f"leaf {path}: {reason}")
 
@@ -305,7 +339,7 @@ class _RichProgress(TrainProgress):
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[accuracy]:.1%}"),
+            TextColumn("loss {task.fields[loss]:.3f} {task.fields[accuracy]}"),
             TextColumn("{task.fields[speed]:.0f} img/s"),
             TimeElapsedColumn(),
             console=stderr,
@@ -316,16 +350,25 @@ class _RichProgress(TrainProgress):
         if self.bar is None:
             self._start()
         self.task = self.bar.add_task(
-            f"{stage:<12} epoch {epoch + 1}/{epochs}", total=batches, loss=0.0, accuracy=0.0, speed=0.0
+            f"{stage:<12} epoch {epoch + 1}/{epochs}",
+            total=batches,
+            loss=0.0,
+            accuracy="",
+            speed=0.0,
         )
 
     def batch_done(self, loss: float, accuracy: float, images_per_second: float) -> None:
-        self.bar.update(self.task, advance=1, loss=loss, accuracy=accuracy, speed=images_per_second)
+        shown = "" if accuracy is None else f"acc {accuracy:.1%}"
+        self.bar.update(self.task, advance=1, loss=loss, accuracy=shown, speed=images_per_second)
 
     def epoch_done(self, record: EpochRecord) -> None:
+        measured = []
+        if record.test_accuracy is not None:
+            measured.append(f"test accuracy {record.test_accuracy:.2%}")
+        if record.test_loss is not None:
+            measured.append(f"test loss {record.test_loss:.3f}")
         self.bar.console.print(
-            f"epoch {record.epoch} ({record.stage}): test accuracy {record.test_accuracy:.2%}, "
-            f"test loss {record.test_loss:.3f}"
+            f"epoch {record.epoch} ({record.stage}): " + (", ".join(measured) or "done")
         )
 
     def derived(self, table: EdgeTable) -> None:

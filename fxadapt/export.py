@@ -108,8 +108,7 @@ def _write(module: nn.Module, path: str, example_input: torch.Tensor, format: st
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(
-            f"{format} export of {type(module).__name__} failed: {first_line}; "
-            "try another --format"
+            f"{format} export of {type(module).__name__} failed: {first_line}; try another --format"
         ) from err
 
 

@@ -37,7 +37,9 @@ def load_model_class(spec: str) -> type[nn.Module]:
         classes = sorted(
             name
             for name, value in vars(module).items()
-            if inspect.isclass(value) and issubclass(value, nn.Module) and not name.startswith("_")
+            if inspect.isclass(value)
+            and issubclass(value, nn.Module)
+            and not name.startswith("_")
             and value.__module__ == module.__name__
         )
         found = f"; it defines {', '.join(classes)}" if classes else ""

@@ -76,7 +76,9 @@ class RunOptions:
         return asdict(self)
 
 
-def wrap_model(options: WrapOptions, input_shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+def wrap_model(
+    options: WrapOptions, input_shape: tuple[int, ...]
+) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
     """Builds the model of ``options`` and wraps it on an example batch of ``input_shape``.
 
     Returns:
@@ -122,7 +124,9 @@ def train_run(options: RunOptions, progress: TrainProgress | None = None) -> dic
     run.write_json(RunDir.CONFIG, config)
     api.edge_table(wrapped).save(run.file(RunDir.EDGES))
 
-    train_loader, test_loader = make_loaders(data, options.train.batch_size, seed=options.train.seed)
+    train_loader, test_loader = make_loaders(
+        data, options.train.batch_size, seed=options.train.seed
+    )
     trainer = Trainer(
         wrapped,
         train_loader,
@@ -142,7 +146,9 @@ def train_run(options: RunOptions, progress: TrainProgress | None = None) -> dic
     for format in options.formats:
         path = export(derived, run.file(FORMAT_TO_FILENAME[format]), example, format=format)
         exports[format] = path.name
-    diagrams = draw_run(run.path, wrapped=trainer.wrapped.cpu(), table=table) if options.draw else []
+    diagrams = (
+        draw_run(run.path, wrapped=trainer.wrapped.cpu(), table=table) if options.draw else []
+    )
 
     costs = compare_costs(
         {"original": model.eval(), "wrapped": trainer.wrapped.cpu().eval(), "derived": derived},

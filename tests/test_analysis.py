@@ -1,12 +1,13 @@
 """Edges, options, cells and theta groups found by the analysis."""
 
 import torch
-from conftest import TwoBranch
 from torch import nn
 
 from fxadapt.analysis import analyse
 from fxadapt.models import ResNet20
 from fxadapt.tracing import propagate_shapes, trace
+
+from conftest import TwoBranch
 
 
 def _table(model, example, **options):
@@ -44,8 +45,11 @@ def test_resnet20_full_scope_gives_each_edge_a_theta():
 
 def test_identity_never_offered_for_shape_change():
     table, graph_module = _table(ResNet20(), torch.randn(2, 3, 32, 32))
-    shapes = {node.name: tuple(node.meta["tensor_meta"].shape) for node in graph_module.graph.nodes
-              if "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape")}
+    shapes = {
+        node.name: tuple(node.meta["tensor_meta"].shape)
+        for node in graph_module.graph.nodes
+        if "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape")
+    }
 
     for edge in table.edges:
         same_shape = shapes[edge.entry] == shapes[edge.exit]

@@ -17,9 +17,28 @@ def cifar_run(cifar10_root, cache_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FXADAPT_CACHE", str(cache_dir))
         status = main(
-            ["train", RESNET20, "--data", "cifar10", "--data-dir", str(cifar10_root),
-             "--epochs", "3", "--arch-epochs", "1", "--train-limit", "800", "--test-limit", "200",
-             "--batch-size", "32", "--lr", "0.05", "--out", str(out)]
+            [
+                "train",
+                RESNET20,
+                "--data",
+                "cifar10",
+                "--data-dir",
+                str(cifar10_root),
+                "--epochs",
+                "3",
+                "--arch-epochs",
+                "1",
+                "--train-limit",
+                "800",
+                "--test-limit",
+                "200",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.05",
+                "--out",
+                str(out),
+            ]
         )
     return status, out
 

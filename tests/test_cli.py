@@ -26,9 +26,24 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
     started = time.perf_counter()
     status = main(
-        ["train", RESNET20, "--arch-epochs", "1", "--arch-lr", "0.05",
-         "--epochs", "3", "--lr", "0.05", "--train-limit", "800", "--batch-size", "32",
-         "--out", str(out)]
+        [
+            "train",
+            RESNET20,
+            "--arch-epochs",
+            "1",
+            "--arch-lr",
+            "0.05",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.05",
+            "--train-limit",
+            "800",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+        ]
     )
     return status, out, time.perf_counter() - started
 
@@ -119,8 +134,10 @@ def test_wrap_prints_edges_and_cell_types(tmp_path, capsys):
         (["wrap", f"{REPO / 'models' / 'resnet20.py'}:ResNet21"], "class ResNet21 not found"),
         (["wrap", "fxadapt.no_such_module:Net"], "module fxadapt.no_such_module not found"),
         (["wrap", RESNET20, "--model-arg", "depth=21"], "ResNet20(depth=21) raised"),
-        (["train", RESNET20, "--data", "cifar10", "--data-dir", "/no/such/folder"],
-         "/no/such/folder"),
+        (
+            ["train", RESNET20, "--data", "cifar10", "--data-dir", "/no/such/folder"],
+            "/no/such/folder",
+        ),
         (["train", RESNET20, "--data", "cifar10"], "--data-dir"),
         (["train", RESNET20, "--epochs", "2", "--arch-epochs", "3"], "--arch-epochs 3"),
         (["train", RESNET20, "--device", "cuda:7"], "CUDA"),
@@ -139,8 +156,15 @@ def test_bad_input_gives_one_line(arguments, message, capsys, tmp_path):
 def test_wrong_data_layout_is_named(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     status, _, stderr = _run(
-        capsys, "train", RESNET20, "--data", "cifar10", "--data-dir", str(tmp_path),
-        "--out", str(tmp_path / "run"),
+        capsys,
+        "train",
+        RESNET20,
+        "--data",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
     )
 
     assert status == 2

@@ -16,7 +16,6 @@ import fxadapt.data as data_module
 from fxadapt.data import DATASETS, DataBundle, load_data, make_loaders
 from fxadapt.errors import DataError
 
-
 CLASS_COLORS = {
     "cat": (200, 30, 30),
     "dog": (30, 30, 200),

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import TwoBranch, randomize_batchnorm
 
 import fxadapt
 from fxadapt.models import ResNet20
 from fxadapt.passes import MIXED_ROOT
+
+from conftest import TwoBranch, randomize_batchnorm
 
 
 def _set_theta(wrapped, theta_name, **values):

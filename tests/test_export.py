@@ -5,12 +5,13 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize_batchnorm
 
 import fxadapt
 from fxadapt.errors import ExportError
 from fxadapt.export import load_exported
 from fxadapt.models import ResNet20
+
+from conftest import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,9 @@ def test_exported_program_matches(derived, tmp_path):
     path = fxadapt.export(derived, tmp_path / "model.pt2", example, format="exported-program")
 
     with torch.no_grad():
-        assert torch.allclose(load_exported(path, "exported-program")(example), derived(example),
-                              atol=1e-5)
+        assert torch.allclose(
+            load_exported(path, "exported-program")(example), derived(example), atol=1e-5
+        )
 
 
 class Unscriptable(torch.nn.Module):

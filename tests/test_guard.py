@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import TwoBranch
 
 import fxadapt
 from fxadapt.errors import FxadaptError
 from fxadapt.passes import check_reachability
+
+from conftest import TwoBranch
 
 
 def _all_none(example_input, same_branch, same_shortcut):

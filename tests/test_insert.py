@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import TwoBranch, randomize_batchnorm
 
 import fxadapt
 from fxadapt.models import DARTS, MobileNetV2, ProxylessNAS, ResNet20, ResNet50
+
+from conftest import TwoBranch, randomize_batchnorm
 
 ZOO = {
     "ResNet20": lambda: ResNet20(),
@@ -68,8 +69,11 @@ def test_parameters_split_into_weights_and_theta(example_input):
 
 def test_cell_scope_shares_one_module():
     wrapped = fxadapt.wrap(ResNet20(), torch.randn(2, 3, 32, 32), scope="cell")
-    targets = [node.target for node in wrapped.graph.nodes if node.op == "call_module"
-               and node.target.startswith("fxadapt_mixed.")]
+    targets = [
+        node.target
+        for node in wrapped.graph.nodes
+        if node.op == "call_module" and node.target.startswith("fxadapt_mixed.")
+    ]
 
     assert len(targets) == 18
     assert len(set(targets)) == 4
