@@ -23,6 +23,7 @@ import re
 import networkx as nx
 import torch
 import torch.fx
+from torch import nn
 
 from fxadapt.edges import Edge, EdgeTable, NasNode
 from fxadapt.errors import TraceError
@@ -52,7 +53,20 @@ def dataflow_graph(graph: torch.fx.Graph) -> nx.DiGraph:
 def op_label(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> str:
     """Returns a short name for the operation of ``node``, such as ``Conv2d`` or ``relu``."""
     if node.op == "call_module":
-        return type(graph_module.get_submodule(node.target)).__name__
+        module = graph_module.get_submodule(node.target)
+        name = type(module).__name__
+        if isinstance(module, nn.modules.conv._ConvNd):
+            # Kernel, stride, dilation and depthwise grouping tell operations apart (DARTS'
+            # sep_conv_3x3 from dil_conv_3x3, ProxylessNAS' 3x3 from 7x7 blocks); widths do not.
+            details = ["x".join(str(size) for size in module.kernel_size)]
+            if any(step != 1 for step in module.stride):
+                details.append(f"s{module.stride[0]}")
+            if any(rate != 1 for rate in module.dilation):
+                details.append(f"d{module.dilation[0]}")
+            if module.groups > 1 and module.groups == module.in_channels:
+                details.append("dw")
+            name += f"({','.join(details)})"
+        return name
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
@@ -65,6 +79,7 @@ def analyse(
     scope: str = "full",
     leaves: dict[str, str] | None = None,
     model: str = "",
+    shortcuts: bool = False,
 ) -> EdgeTable:
     """Finds the adaptable edges of a traced graph whose nodes carry shapes.
 
@@ -75,6 +90,9 @@ def analyse(
             type).
         leaves: module path to the reason it was traced as a leaf, copied into the table.
         model: the model's name or specification, copied into the table.
+        shortcuts: also add placeholder edges whose original operation is none, from NAS
+            nodes of a merge's shape (in its cell, or the input of the previous cell) to the
+            merge, so that training can turn them into new skip connections.
 
     Returns:
         The edge table, with no decisions yet.
@@ -87,14 +105,17 @@ def analyse(
         raise ValueError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}: use one of {SCOPES}")
-    if granularity == "layer":
-        raise NotImplementedError("layer granularity is not available yet: use 'branch'")
     graph = graph_module.graph
     if not any("tensor_meta" in node.meta for node in graph.nodes):
         raise TraceError("the graph has no shapes: run fxadapt.tracing.propagate_shapes first")
 
-    facts = _GraphFacts(graph)
+    facts = _GraphFacts(graph_module, granularity)
     edges = _find_edges(graph_module, facts)
+    if granularity == "layer":
+        edges += _layer_edges(graph_module, facts, edges)
+    if shortcuts:
+        edges += _shortcut_edges(facts, edges)
+    edges = _in_graph_order(edges, facts)
     cell_types = _assign_cells(edges, facts)
     _assign_theta(edges, scope)
     return EdgeTable(
@@ -111,7 +132,9 @@ def analyse(
 class _GraphFacts:
     """Which nodes carry data, which are merges and which are NAS nodes."""
 
-    def __init__(self, graph: torch.fx.Graph):
+    def __init__(self, graph_module: torch.fx.GraphModule, granularity: str):
+        graph = graph_module.graph
+        self.name_to_node = {node.name: node for node in graph.nodes}
         self.order = {node: index for index, node in enumerate(graph.nodes)}
         dataflow = dataflow_graph(graph)
         inputs = [node for node in graph.nodes if node.op == "placeholder"]
@@ -136,6 +159,9 @@ class _GraphFacts:
         ]
         self.outputs = [node for node in graph.nodes if node.op == "output"]
         self.nas = set(self.inputs) | set(self.forks) | set(self.merges)
+        self.cuts = _layer_group_ends(graph_module, self.data) if granularity == "layer" else []
+        # Regions stop at these nodes: NAS nodes, and at layer granularity the layer-group ends.
+        self.boundaries = self.nas | set(self.cuts)
 
     def _merge_args(self, node: torch.fx.Node) -> list[torch.fx.Node] | None:
         """Returns the data inputs of ``node`` when it is an additive merge, else None."""
@@ -175,17 +201,7 @@ def _find_edges(graph_module: torch.fx.GraphModule, facts: _GraphFacts) -> list[
 
 def _edge_into(graph_module, facts, merge, value, consumer, position, edge_id) -> Edge | None:
     region = _exclusive_region(value, facts)
-    entries = sorted(
-        {
-            source
-            for node in region
-            for source in node.all_input_nodes
-            if source not in region and source in facts.data
-        },
-        key=facts.order.get,
-    )
-    if not region:
-        entries = [value]
+    entries = _entries(region, facts) if region else [value]
     if len(entries) != 1:
         logger.info(
             "the input %s of merge %s reads %d NAS nodes, so it is not an edge",
@@ -195,29 +211,52 @@ def _edge_into(graph_module, facts, merge, value, consumer, position, edge_id) -
         )
         return None
 
-    entry = entries[0]
-    data_nodes = sorted((node for node in region if node in facts.data), key=facts.order.get)
+    edge = _make_edge(graph_module, facts, entries[0], value, region, merge=merge)
+    edge.id = edge_id
+    edge.consumer = consumer.name
+    edge.consumer_arg = position
     options = ["same"]
-    if data_nodes and _shape(entry) == _shape(value) and _dtype(entry) == _dtype(value):
+    if region and _same_kind(entries[0], value):
         options.append("identity")
-    options.append("none")
+    edge.options = options + ["none"]
+    return edge
+
+
+def _entries(region: set[torch.fx.Node], facts: _GraphFacts) -> list[torch.fx.Node]:
+    """Returns the data nodes outside ``region`` that nodes of the region read."""
+    sources = {
+        source
+        for node in region
+        for source in node.all_input_nodes
+        if source not in region and source in facts.data
+    }
+    return sorted(sources, key=facts.order.get)
+
+
+def _make_edge(graph_module, facts, entry, exit_node, region, *, merge) -> Edge:
+    data_nodes = sorted((node for node in region if node in facts.data), key=facts.order.get)
     return Edge(
-        id=edge_id,
+        id=0,
         cell="",
         cell_type="",
         position=0,
         entry=entry.name,
-        exit=value.name,
-        merge=merge.name,
-        consumer=consumer.name,
-        consumer_arg=position,
+        exit=exit_node.name,
+        merge=merge.name if merge is not None else "",
+        consumer="",
+        consumer_arg=-1,
         nodes=[node.name for node in data_nodes],
         ops=[op_label(node, graph_module) for node in data_nodes],
-        options=options,
+        options=[],
         theta="",
         input_shape=list(_shape(entry)),
-        output_shape=list(_shape(value)),
+        output_shape=list(_shape(exit_node)),
     )
+
+
+def _same_kind(first: torch.fx.Node, second: torch.fx.Node) -> bool:
+    """Returns True when the two values have the same shape and dtype."""
+    return _shape(first) == _shape(second) and _dtype(first) == _dtype(second)
 
 
 def _exclusive_region(value: torch.fx.Node, facts: _GraphFacts) -> set[torch.fx.Node]:
@@ -234,7 +273,7 @@ def _exclusive_region(value: torch.fx.Node, facts: _GraphFacts) -> set[torch.fx.
         grew = False
         candidates = {source for node in region for source in node.all_input_nodes} - region
         for node in sorted(candidates, key=facts.order.get, reverse=True):
-            if node.op == "placeholder" or node in facts.nas:
+            if node.op == "placeholder" or node in facts.boundaries:
                 continue
             if all(user in region for user in node.users):
                 region.add(node)
@@ -242,19 +281,178 @@ def _exclusive_region(value: torch.fx.Node, facts: _GraphFacts) -> set[torch.fx.
     return region
 
 
+_GROUP_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+_GROUP_FOLLOWERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+_FOLLOWER_FUNCTIONS = {
+    "relu",
+    "relu_",
+    "relu6",
+    "gelu",
+    "silu",
+    "hardswish",
+    "hardtanh",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+}
+
+
+def _layer_group_ends(graph_module: torch.fx.GraphModule, data: set) -> list[torch.fx.Node]:
+    """Returns the last node of every layer group: a conv or linear with its norm and activation."""
+    ends = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or node not in data:
+            continue
+        if not isinstance(graph_module.get_submodule(node.target), _GROUP_LAYERS):
+            continue
+        end = node
+        while len(end.users) == 1:
+            user = next(iter(end.users))
+            if user.all_input_nodes != [end] or not _is_follower(user, graph_module):
+                break
+            end = user
+        ends.append(end)
+    return ends
+
+
+def _is_follower(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(graph_module.get_submodule(node.target), _GROUP_FOLLOWERS)
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target)) in _FOLLOWER_FUNCTIONS
+    return False
+
+
+def _layer_edges(graph_module, facts: _GraphFacts, merge_edges: list[Edge]) -> list[Edge]:
+    """Returns an edge for every shape-preserving piece of a chain that ends a layer group.
+
+    Pieces that feed a merge are merge edges already. The others admit identity only.
+    """
+    merge_exits = {edge.exit for edge in merge_edges}
+    edges = []
+    for end in facts.cuts:
+        if end.name in merge_exits or end in facts.merge_args:
+            continue
+        region = _exclusive_region(end, facts)
+        entries = _entries(region, facts)
+        if len(entries) != 1 or not _same_kind(entries[0], end):
+            continue
+        edge = _make_edge(graph_module, facts, entries[0], end, region, merge=None)
+        edge.options = ["same", "identity"]
+        edges.append(edge)
+    return edges
+
+
+def _shortcut_edges(facts: _GraphFacts, edges: list[Edge]) -> list[Edge]:
+    """Returns placeholder edges, original operation none, that can become new skips."""
+    merge_to_entries: dict[str, set[str]] = {}
+    for edge in edges:
+        if edge.merge:
+            merge_to_entries.setdefault(edge.merge, set()).add(edge.entry)
+    cells = []
+    cell_to_inputs: dict[str, list[torch.fx.Node]] = {}
+    for merge in facts.merges:
+        cell = node_info(merge).get("module_path", "")
+        if cell not in cell_to_inputs:
+            cells.append(cell)
+            cell_to_inputs[cell] = []
+    for edge in edges:
+        entry = facts.name_to_node[edge.entry]
+        cell = node_info(facts.name_to_node[edge.target]).get("module_path", "")
+        if cell in cell_to_inputs and not _inside(entry, cell) and entry not in cell_to_inputs[cell]:
+            cell_to_inputs[cell].append(entry)
+
+    shortcuts = []
+    for merge in facts.merges:
+        cell = node_info(merge).get("module_path", "")
+        index = cells.index(cell)
+        candidates = [
+            node
+            for node in facts.order
+            if node in facts.nas and facts.order[node] < facts.order[merge] and _inside(node, cell)
+        ]
+        candidates += cell_to_inputs[cell]
+        if index > 0:
+            candidates += cell_to_inputs[cells[index - 1]]
+        connected = merge_to_entries.get(merge.name, set())
+        for source in dict.fromkeys(candidates):
+            if source.name in connected or not _same_kind(source, merge):
+                continue
+            connected.add(source.name)
+            shortcuts.append(
+                Edge(
+                    id=0,
+                    cell="",
+                    cell_type="",
+                    position=0,
+                    entry=source.name,
+                    exit=source.name,
+                    merge=merge.name,
+                    consumer=merge.name,
+                    consumer_arg=-1,
+                    nodes=[],
+                    ops=[],
+                    options=["identity", "none"],
+                    theta="",
+                    input_shape=list(_shape(source)),
+                    output_shape=list(_shape(merge)),
+                    shortcut=True,
+                )
+            )
+    return shortcuts
+
+
+def _inside(node: torch.fx.Node, cell: str) -> bool:
+    path = node_info(node).get("module_path", "")
+    return path == cell or path.startswith(cell + ".") if cell else path == ""
+
+
+def _in_graph_order(edges: list[Edge], facts: _GraphFacts) -> list[Edge]:
+    """Sorts edges by the node they end at and numbers them from 0."""
+
+    def key(edge: Edge):
+        target = facts.order[facts.name_to_node[edge.target]]
+        return (target, edge.shortcut, edge.consumer_arg, facts.order[facts.name_to_node[edge.exit]])
+
+    ordered = sorted(edges, key=key)
+    for index, edge in enumerate(ordered):
+        edge.id = index
+    return ordered
+
+
 def _assign_cells(edges: list[Edge], facts: _GraphFacts) -> dict[str, list[str]]:
     """Sets each edge's cell, position and cell type; returns cell type to cell paths."""
-    name_to_node = {node.name: node for node in facts.order}
+    name_to_node = facts.name_to_node
+    for edge in edges:
+        edge.cell = node_info(name_to_node[edge.target]).get("module_path", "")
+    # A layer edge belongs to the nearest enclosing module that holds merges, so the layers
+    # inside a DARTS operation count as part of their cell.
+    merge_cells = {edge.cell for edge in edges if edge.merge}
+    for edge in edges:
+        if not edge.merge:
+            edge.cell = _enclosing_cell(edge.cell, merge_cells)
     cell_to_edges: dict[str, list[Edge]] = {}
     for edge in edges:
-        edge.cell = node_info(name_to_node[edge.merge]).get("module_path", "")
         cell_to_edges.setdefault(edge.cell, []).append(edge)
 
     signature_to_cells: dict[tuple, list[str]] = {}
     for cell, cell_edges in cell_to_edges.items():
         for position, edge in enumerate(cell_edges):
             edge.position = position
-        module_type = node_info(name_to_node[cell_edges[0].merge]).get("module_type", "")
+        typed = next((edge for edge in cell_edges if edge.merge), cell_edges[0])
+        module_type = node_info(name_to_node[typed.target]).get("module_type", "")
         signature = (module_type, _cell_topology(cell_edges))
         signature_to_cells.setdefault(signature, []).append(cell)
 
@@ -275,14 +473,23 @@ def _assign_cells(edges: list[Edge], facts: _GraphFacts) -> dict[str, list[str]]
     return cell_types
 
 
+def _enclosing_cell(path: str, merge_cells: set[str]) -> str:
+    parts = path.split(".") if path else []
+    for length in range(len(parts), -1, -1):
+        candidate = ".".join(parts[:length])
+        if candidate in merge_cells:
+            return candidate
+    return path
+
+
 def _cell_topology(cell_edges: list[Edge]) -> tuple:
     """Returns the structure of a cell's edges with node names replaced by local indices."""
     local: dict[str, int] = {}
     for edge in cell_edges:
         local.setdefault(edge.entry, len(local))
-        local.setdefault(edge.merge, len(local))
+        local.setdefault(edge.target, len(local))
     return tuple(
-        (local[edge.entry], local[edge.merge], tuple(edge.ops), tuple(edge.options))
+        (local[edge.entry], local[edge.target], tuple(edge.ops), tuple(edge.options))
         for edge in cell_edges
     )
 
@@ -300,6 +507,8 @@ def _nas_node_table(graph: torch.fx.Graph, facts: _GraphFacts) -> list[NasNode]:
     kinds.update({node: "fork" for node in facts.forks})
     kinds.update({node: "merge" for node in facts.merges})
     kinds.update({node: "output" for node in facts.outputs})
+    for node in facts.cuts:
+        kinds.setdefault(node, "layer")
     return [
         NasNode(
             name=node.name,

@@ -38,6 +38,7 @@ def wrap(
     *,
     granularity: str = "branch",
     scope: str = "full",
+    shortcuts: bool = False,
     leaf_types: Iterable[type] = (),
     concrete_args: dict | None = None,
     name: str = "",
@@ -53,6 +54,8 @@ def wrap(
             samples, so that BatchNorm accepts it.
         granularity: ``branch`` (the default) or ``layer``.
         scope: ``full`` (a theta per edge, the default) or ``cell``.
+        shortcuts: add placeholder edges, none at first, that training can turn into new
+            skip connections.
         leaf_types: module classes to keep as leaves instead of tracing through them.
         concrete_args: arguments of ``forward`` to fix while tracing.
         name: the model's name or specification, kept in the edge table.
@@ -72,6 +75,7 @@ def wrap(
         traced.graph_module,
         granularity=granularity,
         scope=scope,
+        shortcuts=shortcuts,
         leaves=traced.leaves,
         model=name or type(model).__name__,
     )

@@ -293,10 +293,12 @@ def short_ops(ops: Sequence[str]) -> str:
 
 def _short_op(op: str) -> str:
     """Returns the short name of one operation; a user's own module class keeps its name."""
-    if op[:1].isupper() and not hasattr(torch.nn, op):
+    base, _, details = op.partition("(")
+    suffix = f"({details}" if details else ""
+    if base[:1].isupper() and not hasattr(torch.nn, base):
         return op
-    word = re.sub(r"[123]d$", "", op).lower()
-    return _OP_ABBREVIATIONS.get(word, word)
+    word = re.sub(r"[123]d$", "", base).lower()
+    return _OP_ABBREVIATIONS.get(word, word) + suffix
 
 
 def _dot_lines(text: str) -> str:
@@ -342,7 +344,7 @@ def _cell_type_digraph(
         )
     for edge in representative:
         attributes = _position_arrow(position_to_edges.get(edge.position, [edge]))
-        digraph.edge(edge.entry, edge.merge, **attributes)
+        digraph.edge(edge.entry, edge.target, **attributes)
     return digraph
 
 
@@ -372,12 +374,12 @@ def _cell_node_labels(table: EdgeTable, cell_edges: list[Edge]) -> dict[str, str
     first_use = {}
     for edge in cell_edges:
         first_use.setdefault(edge.entry, len(first_use))
-        first_use.setdefault(edge.merge, len(first_use))
+        first_use.setdefault(edge.target, len(first_use))
 
     def order(name: str) -> tuple[int, int]:
         return (name_to_order.get(name, len(name_to_order)), first_use[name])
 
-    merges = sorted({edge.merge for edge in cell_edges}, key=order)
+    merges = sorted({edge.target for edge in cell_edges}, key=order)
     inputs = sorted({edge.entry for edge in cell_edges} - set(merges), key=order)
     labels = {name: f"<c<SUB>k-{len(inputs) - index}</SUB>>" for index, name in enumerate(inputs)}
     labels.update({name: f"<{index}>" for index, name in enumerate(merges)})
@@ -656,15 +658,15 @@ class _NetworkDrawing:
                     digraph.edge(source.name, node.name)
                     continue
                 attributes = _changed_style(edge)
-                if node.name in (edge.consumer, edge.merge):
+                if node.name in (edge.consumer, edge.target):
                     attributes["xlabel"] = f"{edge.name} {edge.decision}"
                 digraph.edge(source.name, node.name, **attributes)
 
         for edge in self.placeholders:
             if edge.entry in self.node_to_index:
                 digraph.edge(edge.entry, _placeholder_name(edge), **_changed_style(edge))
-            if edge.merge in self.node_to_index:
-                digraph.edge(_placeholder_name(edge), edge.merge, **_changed_style(edge))
+            if edge.target in self.node_to_index:
+                digraph.edge(_placeholder_name(edge), edge.target, **_changed_style(edge))
 
     def _arrow_edge(self, source: str, target: str) -> Edge | None:
         """Returns the changed edge that the arrow from ``source`` to ``target`` runs along."""
@@ -672,7 +674,7 @@ class _NetworkDrawing:
         if edge is not None and (self.node_to_edge.get(source) is edge or source == edge.entry):
             return edge
         edge = self.node_to_edge.get(source)
-        if edge is not None and target in (edge.consumer, edge.merge):
+        if edge is not None and target in (edge.consumer, edge.target):
             return edge
         # An empty edge of a graph without mixed edges is the arrow from its entry to its merge.
         return self.empty_edge_arrows.get((source, target))

@@ -47,10 +47,13 @@ class Edge:
         position: index of the edge among the edges of its cell.
         entry: name of the NAS node whose value the edge reads.
         exit: name of the last node of the edge's operation (the entry for an empty chain).
-        merge: name of the additive merge the edge feeds.
+        merge: name of the additive merge the edge feeds, or "" for a layer edge (at layer
+            granularity) whose value goes on to every user of its exit.
         consumer: name of the add node that reads the edge's value: the merge itself, or one
-            of the inner adds that a merge of more than two inputs is made of.
-        consumer_arg: position of the edge's value among the consumer's arguments.
+            of the inner adds that a merge of more than two inputs is made of; "" for a layer
+            edge.
+        consumer_arg: position of the edge's value among the consumer's arguments; -1 for a
+            layer edge or a new shortcut, which the merge does not read yet.
         nodes: names of the nodes that make up the edge's operation, in graph order.
         ops: a short label for each operation along the edge, in graph order.
         options: the options the edge admits, a subset of ``OPTIONS`` in that order.
@@ -88,6 +91,11 @@ class Edge:
     def name(self) -> str:
         """Returns the short name used in logs, reports and diagrams, such as ``e3``."""
         return f"e{self.id}"
+
+    @property
+    def target(self) -> str:
+        """Returns the node the edge ends at: its merge, or its exit for a layer edge."""
+        return self.merge or self.exit
 
     @property
     def is_empty(self) -> bool:

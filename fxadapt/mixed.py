@@ -22,18 +22,23 @@ class MixedEdge(nn.Module):
     constant 0, kept so that decisions can compare it with the other options. An option the
     edge does not admit has no theta and costs nothing in the forward.
 
+    A new shortcut's original operation is none: it admits identity and none only, and
+    starts as an exact zero.
+
     Args:
         options: the options the edge admits, a subset of ``("same", "identity", "none")``
-            that contains ``same``.
+            with at least two options, or ``same`` alone.
     """
 
     def __init__(self, options: tuple[str, ...] | list[str]):
         super().__init__()
         unknown = set(options) - set(OPTIONS)
-        if unknown or "same" not in options:
-            raise ValueError(f"options must contain 'same' and only {OPTIONS}, got {options}")
+        if unknown or not options or ("same" not in options and len(set(options)) < 2):
+            raise ValueError(f"options must be two or more of {OPTIONS}, got {options}")
         self.options = tuple(option for option in OPTIONS if option in options)
-        self.theta_same = nn.Parameter(torch.tensor(THETA_INIT["same"]))
+        self.has_same = "same" in self.options
+        if self.has_same:
+            self.theta_same = nn.Parameter(torch.tensor(THETA_INIT["same"]))
         self.has_identity = "identity" in self.options
         if self.has_identity:
             self.theta_identity = nn.Parameter(torch.tensor(THETA_INIT["identity"]))
@@ -41,6 +46,8 @@ class MixedEdge(nn.Module):
             self.register_buffer("theta_none", torch.tensor(THETA_INIT["none"]))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.has_same:
+            return x * self.theta_identity
         if self.has_identity:
             return torch.addcmul(out * self.theta_same, x, self.theta_identity)
         return out * self.theta_same

@@ -89,7 +89,7 @@ def edge_rows(table: EdgeTable) -> list[dict]:
             "edge": edge.name,
             "cell": edge.cell or "(root)",
             "cell_type": edge.cell_type,
-            "operation": _operation(edge.ops),
+            "operation": "new shortcut" if edge.shortcut else _operation(edge.ops),
             "options": edge.options,
             "theta_group": edge.theta,
             "theta": edge.theta_values,
@@ -155,7 +155,11 @@ def _operation(ops: list[str]) -> str:
     """Returns an edge's operation in short words, such as ``conv·bn·relu·conv·bn``."""
     if not ops:
         return "skip"
-    return "·".join(_SHORT_OPS.get(op, op) for op in ops)
+    words = []
+    for op in ops:
+        base, _, details = op.partition("(")
+        words.append(_SHORT_OPS.get(base, base) + (f"({details}" if details else ""))
+    return "·".join(words)
 
 
 def _theta_text(theta: dict[str, float] | None) -> str:

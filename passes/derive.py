@@ -69,7 +69,7 @@ def decide(
     for edge in result.edges:
         edge.theta_values = mixed_edges[edge.theta].theta()
         if edge_id_to_decision is None:
-            edge.decision = _best_option(edge.theta_values)
+            edge.decision = _best_option(edge.theta_values, shortcut=edge.shortcut)
             continue
         decision = edge_id_to_decision.get(edge.id)
         if decision not in edge.options:
@@ -84,9 +84,11 @@ def decide(
     return result
 
 
-def _best_option(theta_values: dict[str, float]) -> str:
+def _best_option(theta_values: dict[str, float], *, shortcut: bool = False) -> str:
+    # For a new shortcut the original operation is none, so none is the conservative option.
+    order = ("none", "identity", "same") if shortcut else OPTIONS
     best = None
-    for option in OPTIONS:
+    for option in order:
         if option in theta_values and (best is None or theta_values[option] > theta_values[best]):
             best = option
     return best

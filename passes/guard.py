@@ -48,10 +48,12 @@ def guard_decisions(table: EdgeTable) -> EdgeTable:
     merge_to_inputs = {node.name: node.inputs for node in result.nas_nodes if node.kind == "merge"}
     merge_to_edges: dict[str, list[Edge]] = {}
     for edge in result.edges:
-        merge_to_edges.setdefault(edge.merge, []).append(edge)
+        if edge.merge:
+            merge_to_edges.setdefault(edge.merge, []).append(edge)
 
     for merge, edges in merge_to_edges.items():
-        every_input_is_an_edge = len(edges) >= merge_to_inputs.get(merge, len(edges))
+        original_inputs = sum(not edge.shortcut for edge in edges)
+        every_input_is_an_edge = original_inputs >= merge_to_inputs.get(merge, original_inputs)
         if every_input_is_an_edge and all(edge.decision == "none" for edge in edges):
             _keep_strongest(merge, edges)
     return result

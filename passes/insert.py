@@ -19,6 +19,7 @@ After::
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx
@@ -64,26 +65,63 @@ def insert_mixed_edges(
         mixed_edges[theta] = MixedEdge(edges[0].options)
     result.add_module(MIXED_ROOT, mixed_edges)
 
-    for edge in table.edges:
+    # New shortcuts go last: they hand a merge's users a new sum, and the mixed edges that
+    # read the merge must see that sum too.
+    for edge in sorted(table.edges, key=lambda edge: edge.shortcut):
         try:
             entry = name_to_node[edge.entry]
             exit_node = name_to_node[edge.exit]
-            consumer = name_to_node[edge.consumer]
+            consumer = name_to_node[edge.consumer or edge.exit]
         except KeyError as err:
             raise ValueError(
                 f"edge {edge.name} names node {err.args[0]!r}, which the graph does not have: "
                 "the edge table was made from another model"
             ) from err
-        with graph.inserting_before(consumer):
-            mixed = graph.call_module(f"{MIXED_ROOT}.{edge.theta}", (entry, exit_node))
-        mixed.meta["fxadapt"] = {**consumer.meta.get("fxadapt", {}), "mixed_edge": edge.id}
-        if "tensor_meta" in exit_node.meta:
-            mixed.meta["tensor_meta"] = exit_node.meta["tensor_meta"]
-        _replace_argument(consumer, edge.consumer_arg, exit_node, mixed)
+        target = f"{MIXED_ROOT}.{edge.theta}"
+        if edge.shortcut:
+            _add_shortcut(graph, edge, entry, consumer, target)
+        elif not edge.consumer:
+            _mix_every_use(graph, edge, entry, exit_node, target)
+        else:
+            with graph.inserting_before(consumer):
+                mixed = graph.call_module(target, (entry, exit_node))
+            _copy_meta(mixed, consumer, exit_node, edge)
+            _replace_argument(consumer, edge.consumer_arg, exit_node, mixed)
 
     graph.lint()
     result.recompile()
     return result
+
+
+def _add_shortcut(graph, edge, entry, merge, target) -> None:
+    """Adds ``merge + mixed(entry)`` after the merge and hands it to the merge's users."""
+    users = list(merge.users)
+    with graph.inserting_after(merge):
+        mixed = graph.call_module(target, (entry, entry))
+    with graph.inserting_after(mixed):
+        merged = graph.call_function(operator.add, (merge, mixed))
+    _copy_meta(mixed, merge, merge, edge)
+    merged.meta["fxadapt"] = {**merge.meta.get("fxadapt", {}), "shortcut_merge": edge.id}
+    if "tensor_meta" in merge.meta:
+        merged.meta["tensor_meta"] = merge.meta["tensor_meta"]
+    for user in users:
+        user.replace_input_with(merge, merged)
+
+
+def _mix_every_use(graph, edge, entry, exit_node, target) -> None:
+    """Passes every use of a layer edge's exit through its mixed edge."""
+    users = list(exit_node.users)
+    with graph.inserting_after(exit_node):
+        mixed = graph.call_module(target, (entry, exit_node))
+    _copy_meta(mixed, exit_node, exit_node, edge)
+    for user in users:
+        user.replace_input_with(exit_node, mixed)
+
+
+def _copy_meta(mixed, origin, value, edge) -> None:
+    mixed.meta["fxadapt"] = {**origin.meta.get("fxadapt", {}), "mixed_edge": edge.id}
+    if "tensor_meta" in value.meta:
+        mixed.meta["tensor_meta"] = value.meta["tensor_meta"]
 
 
 def _replace_argument(node: torch.fx.Node, position: int, old: torch.fx.Node, new: torch.fx.Node):

@@ -18,7 +18,7 @@ def _table(model, example, **options):
 
 def test_resnet20_has_eighteen_edges():
     table, _ = _table(ResNet20(), torch.randn(2, 3, 32, 32))
-    branches = [edge for edge in table.edges if edge.ops and edge.ops[0] == "Conv2d"]
+    branches = [edge for edge in table.edges if edge.ops and edge.ops[0].startswith("Conv2d")]
     shortcuts = [edge for edge in table.edges if edge not in branches]
 
     assert len(table.edges) == 18
@@ -125,6 +125,34 @@ def test_edges_end_in_merges(example_input):
 
     assert len(table.edges) == 2
     assert all(edge.merge in merge_names for edge in table.edges)
-    assert table.edges[0].ops == ["Conv2d", "BatchNorm2d"]
+    assert table.edges[0].ops == ["Conv2d(3x3)", "BatchNorm2d"]
     assert table.edges[0].options == ["same", "identity", "none"]
     assert table.edges[1].options == ["same", "none"]
+
+
+def test_layer_granularity_cuts_after_layer_groups():
+    table, _ = _table(ResNet20(), torch.randn(2, 3, 32, 32), granularity="layer")
+    layer_edges = [edge for edge in table.edges if not edge.merge]
+
+    assert len(table.edges) == 25
+    assert len(layer_edges) == 7
+    assert all(edge.options == ["same", "identity"] for edge in layer_edges)
+    assert all(edge.ops == ["Conv2d(3x3)", "BatchNorm2d", "ReLU"] for edge in layer_edges)
+    assert all(edge.cell.startswith("layer") for edge in layer_edges)
+
+
+def test_layer_granularity_shortens_merge_edges():
+    table, _ = _table(ResNet20(), torch.randn(2, 3, 32, 32), granularity="layer")
+    first_branch = next(edge for edge in table.edges if edge.merge and edge.ops)
+
+    assert first_branch.ops == ["Conv2d(3x3)", "BatchNorm2d"]
+
+
+def test_shortcuts_join_same_shaped_nas_nodes():
+    table, _ = _table(ResNet20(), torch.randn(2, 3, 32, 32), shortcuts=True)
+    shortcuts = [edge for edge in table.edges if edge.shortcut]
+
+    assert len(shortcuts) == 4
+    assert all(edge.options == ["identity", "none"] for edge in shortcuts)
+    assert all(edge.input_shape == edge.output_shape for edge in shortcuts)
+    assert [edge.cell for edge in shortcuts] == ["layer1.1", "layer1.2", "layer2.2", "layer3.2"]

@@ -160,7 +160,7 @@ def test_cell_dot_labels_aggregate_decisions(networks, tmp_path):
 
     assert len(arrows) == 2
     branch, shortcut = (attributes for _, _, attributes in arrows)
-    assert "conv·bn·relu·conv·bn" in branch
+    assert "conv(3x3)·bn·relu·conv(3x3)·" in branch
     assert "identity in 1 (blocks.0) of 4 cells" in branch
     assert "style=dashed" not in branch
     assert "skip" in shortcut
@@ -326,6 +326,7 @@ def test_render_rejects_non_graph(tmp_path):
     [
         ([], "skip"),
         (["Conv2d", "BatchNorm2d", "relu", "Conv2d", "BatchNorm2d"], "conv·bn·relu·conv·bn"),
+        (["Conv2d(5x5,dw)", "BatchNorm2d"], "conv(5x5,dw)·bn"),
         (["ReLU", "Conv2d", "Conv2d", "BatchNorm2d"], "relu·conv×2·bn"),
         (["getitem", "pad"], "getitem·pad"),
         (["adaptive_avg_pool2d", "Linear"], "avgpool·linear"),
