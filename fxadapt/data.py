@@ -58,7 +58,7 @@ from torchvision.transforms import v2
 
 from fxadapt.errors import DataError
 
-__all__ = ["DATASETS", "DataBundle", "TensorImageDataset", "load_data", "make_loaders"]
+__all__ = ["Cutout", "DATASETS", "DataBundle", "TensorImageDataset", "load_data", "make_loaders"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def load_data(
     test_limit: int | None = None,
     seed: int = 0,
     augment: bool = True,
+    cutout: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> DataBundle:
     """Load a data set into memory and wrap its splits as data sets.
@@ -215,6 +216,8 @@ def load_data(
         test_limit: the same for the test split.
         seed: seed of the choice of limited subsets, from 0 to 2**32 - 1.
         augment: whether ``train`` applies the data set's augmentation.
+        cutout: side in pixels of the square that Cutout blanks in every augmented training
+            image (after normalisation, so the square is the data set's mean); 0 for none.
         cache_dir: folder for decoded image trees. Defaults to ``$FXADAPT_CACHE`` or
             ``~/.cache/fxadapt``.
 
@@ -247,8 +250,15 @@ def load_data(
         else:
             decoded = _load_tinyimagenet(root, cache)
 
+    if cutout < 0:
+        raise DataError(f"invalid --cutout {cutout}: give a side in pixels, 0 for none")
     return _assemble_bundle(
-        decoded, augment=augment, train_limit=train_limit, test_limit=test_limit, seed=seed
+        decoded,
+        augment=augment,
+        cutout=cutout,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        seed=seed,
     )
 
 
@@ -889,6 +899,7 @@ def _assemble_bundle(
     decoded: _DecodedData,
     *,
     augment: bool,
+    cutout: int,
     train_limit: int | None,
     test_limit: int | None,
     seed: int,
@@ -907,6 +918,8 @@ def _assemble_bundle(
         train_transform = _train_transform(
             train_images.shape[2:], decoded.crop_padding, decoded.flip, decoded.mean, decoded.std
         )
+        if cutout:
+            train_transform = v2.Compose([train_transform, Cutout(cutout)])
     channels, height, width = train_images.shape[1:]
     return DataBundle(
         name=decoded.name,
@@ -990,6 +1003,29 @@ def _channel_mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[fl
     mean = pixel_sum / count
     std = (square_sum / count - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class Cutout:
+    """Sets one square of a normalised image to zero, centred anywhere in the image.
+
+    The square may reach past the border, so less of it is blanked near the edges, as in
+    DeVries and Taylor (2017).
+
+    Args:
+        size: side of the square in pixels.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        row = int(torch.randint(height, ()))
+        column = int(torch.randint(width, ()))
+        half = self.size // 2
+        image = image.clone()
+        image[..., max(row - half, 0) : row + half, max(column - half, 0) : column + half] = 0
+        return image
 
 
 def _eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

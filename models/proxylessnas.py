@@ -118,6 +118,10 @@ class ProxylessNAS(nn.Module):
         num_classes: Number of output classes.
     """
 
+    # Read by `fxadapt train` when the user sets neither option: NAS networks on CIFAR
+    # are commonly trained with Cutout 16.
+    training_defaults = {"cutout": 16}
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(

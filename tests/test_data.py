@@ -667,3 +667,30 @@ def test_real_cifar10_tree(cifar10_root, tmp_path, monkeypatch):
     cached = load_data("cifar10", cifar10_root, cache_dir=cache_dir, train_limit=1000)
     assert torch.bincount(cached.train.labels).tolist() == [100] * 10
     assert len(cached.test) == 10_000
+
+
+def test_cutout_blanks_one_square():
+    torch.manual_seed(0)
+    image = torch.ones(3, 32, 32)
+    blanked = data_module.Cutout(16)(image)
+    zero_rows = (blanked[0] == 0).any(dim=1).sum().item()
+    zero_columns = (blanked[0] == 0).any(dim=0).sum().item()
+
+    assert 0 < zero_rows <= 16
+    assert 0 < zero_columns <= 16
+    assert (blanked == 0).sum().item() == 3 * zero_rows * zero_columns
+    assert torch.equal(image, torch.ones(3, 32, 32))
+
+
+def test_cutout_applies_to_training_images_only():
+    bundle = load_data("digits", cutout=16)
+    plain = load_data("digits")
+    torch.manual_seed(1)
+    train_zero = sum(float((bundle.train[index][0] == 0).float().mean()) for index in range(20))
+    test_zero = sum(float((bundle.test[index][0] == 0).float().mean()) for index in range(20))
+    plain_zero = sum(float((plain.train[index][0] == 0).float().mean()) for index in range(20))
+
+    assert train_zero > plain_zero + 1.0
+    assert test_zero == pytest.approx(
+        sum(float((plain.test[index][0] == 0).float().mean()) for index in range(20))
+    )
