@@ -130,7 +130,7 @@ def analyse(
 
 
 class _GraphFacts:
-    """Which nodes carry data, which are merges and which are NAS nodes."""
+    """Facts about a graph: its data nodes, merges, NAS nodes and region boundaries."""
 
     def __init__(self, graph_module: torch.fx.GraphModule, granularity: str):
         graph = graph_module.graph
@@ -437,7 +437,7 @@ def _assign_cells(edges: list[Edge], facts: _GraphFacts) -> dict[str, list[str]]
     name_to_node = facts.name_to_node
     for edge in edges:
         edge.cell = node_info(name_to_node[edge.target]).get("module_path", "")
-    # A layer edge belongs to the nearest enclosing module that holds merges, so the layers
+    # A layer edge belongs to the nearest enclosing module that contains merges, so the layers
     # inside a DARTS operation count as part of their cell.
     merge_cells = {edge.cell for edge in edges if edge.merge}
     for edge in edges:

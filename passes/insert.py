@@ -30,7 +30,7 @@ from fxadapt.mixed import MixedEdge
 
 __all__ = ["MIXED_ROOT", "insert_mixed_edges"]
 
-# Name of the submodule that holds the mixed edges in a wrapped GraphModule.
+# Name of the submodule that contains the mixed edges of a wrapped GraphModule.
 MIXED_ROOT = "fxadapt_mixed"
 
 
@@ -52,7 +52,7 @@ def insert_mixed_edges(
             a theta admit different options.
     """
     if hasattr(graph_module, MIXED_ROOT):
-        raise ValueError("the model already holds mixed edges: pass the traced model instead")
+        raise ValueError("the model already contains mixed edges: pass the traced model instead")
     result = copy.deepcopy(graph_module)
     graph = result.graph
     name_to_node = {node.name: node for node in graph.nodes}
