@@ -233,8 +233,8 @@ def load_data(
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
     _check_seed(seed)
-    _check_limit_type(train_limit, "train_limit")
-    _check_limit_type(test_limit, "test_limit")
+    _check_limit_type(train_limit, "--train-limit")
+    _check_limit_type(test_limit, "--test-limit")
 
     if name == "digits":
         if data_dir is not None:
@@ -906,9 +906,11 @@ def _assemble_bundle(
 ) -> DataBundle:
     num_classes = len(decoded.classes)
     train_index = _balanced_subset(
-        decoded.train_labels, num_classes, train_limit, seed, "train_limit"
+        decoded.train_labels, num_classes, train_limit, seed, "--train-limit"
     )
-    test_index = _balanced_subset(decoded.test_labels, num_classes, test_limit, seed, "test_limit")
+    test_index = _balanced_subset(
+        decoded.test_labels, num_classes, test_limit, seed, "--test-limit"
+    )
     train_images, train_labels = _select(decoded.train_images, decoded.train_labels, train_index)
     test_images, test_labels = _select(decoded.test_images, decoded.test_labels, test_index)
 

@@ -103,9 +103,14 @@ class Edge:
         return not self.nodes
 
     @property
+    def original(self) -> str:
+        """Returns the option that computes what the model computed: none for a new shortcut."""
+        return "none" if self.shortcut else "same"
+
+    @property
     def changed(self) -> bool:
         """Returns True when the edge was derived into something other than its original op."""
-        return self.decision is not None and self.decision != "same"
+        return self.decision is not None and self.decision != self.original
 
 
 @dataclass

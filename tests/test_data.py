@@ -575,8 +575,8 @@ ERROR_CASES = [
     (case_val_annotations_empty, r"val_annotations.txt lists no images"),
     (case_wnid_without_folder, r"class folder .*train/n03 not found"),
     (case_train_folder_not_in_wnids, r"class folder .*train/n01 matches no class in .*wnids.txt"),
-    (case_limit_below_classes, r"train_limit 5 is smaller than the 10 classes"),
-    (case_limit_zero, r"invalid test_limit 0"),
+    (case_limit_below_classes, r"--train-limit 5 is smaller than the 10 classes"),
+    (case_limit_zero, r"invalid --test-limit 0"),
 ]
 
 
