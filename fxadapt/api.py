@@ -80,10 +80,7 @@ def wrap(
         model=name or type(model).__name__,
     )
     if not table.edges:
-        raise TraceError(
-            f"{type(model).__name__} has no adaptable edge: its graph has no additive merge "
-            "(residual add or sum of branches) with inputs that depend on the model input"
-        )
+        raise TraceError(_no_edge_message(type(model).__name__, granularity))
     wrapped = insert_mixed_edges(traced.graph_module, table)
     wrapped.train(model.training)
     wrapped.meta[_META_KEY] = {"edge_table": table}
@@ -159,3 +156,22 @@ def derive(
 def _check_wrapped(module: nn.Module) -> None:
     if not is_wrapped(module):
         raise TypeError("the module holds no mixed edges: pass a module from fxadapt.wrap")
+
+
+def _no_edge_message(class_name: str, granularity: str) -> str:
+    """Says why a model has no adaptable edge at ``granularity`` and what to try instead."""
+    merges = (
+        "no additive merge (a residual add or a sum of branches) whose inputs depend on the "
+        "model input"
+    )
+    if granularity == "layer":
+        return (
+            f"{class_name} has no adaptable edge at layer granularity: its graph has {merges}, "
+            "and no conv or linear layer keeps the shape of its input, so no edge can become "
+            "identity or none; adapt a model with residual connections or such layers"
+        )
+    return (
+        f"{class_name} has no adaptable edge at branch granularity: its graph has {merges}; "
+        "try --granularity layer, which also adapts conv and linear layers that keep the "
+        "shape of their input, or adapt a model with residual connections"
+    )

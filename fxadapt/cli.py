@@ -16,11 +16,13 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from fxadapt.analysis import GRANULARITIES
 from fxadapt.data import DATASETS
 from fxadapt.edges import EdgeTable
 from fxadapt.errors import FxadaptError
 from fxadapt.export import FORMATS
-from fxadapt.trainer import ARCH_UPDATES, EpochRecord, TrainConfig, TrainProgress
+from fxadapt.simclr import KNN_K, KNN_TEMPERATURE, TEMPERATURE
+from fxadapt.trainer import ARCH_UPDATES, OPTIMIZERS, EpochRecord, TrainConfig, TrainProgress
 
 __all__ = ["main", "build_parser"]
 
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(arguments.verbose, arguments.debug)
     try:
         arguments.handler(arguments)
-    except KeyboardInterrupt:
-        stderr.print("[red]error:[/red] interrupted")
+    except KeyboardInterrupt as err:
+        # A stop that saved a checkpoint carries its place and the command to continue.
+        stderr.print(f"[red]error:[/red] interrupted{': ' + str(err) if str(err) else ''}")
         return 130
     except FxadaptError as err:
         return _fail(err, arguments.debug, status=2)
@@ -75,13 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", parents=[common], help="adapt and train a model, then export and draw it"
     )
-    _add_model_options(train)
+    _add_model_options(train, optional=True)
     _add_data_options(train)
     _add_training_options(train)
+    _add_objective_options(train)
     output = train.add_argument_group("output")
     output.add_argument("--out", help="run directory (default runs/CLASS-DATA)")
     output.add_argument(
         "--overwrite", action="store_true", help="replace a run directory that holds files"
+    )
+    output.add_argument(
+        "--resume",
+        metavar="RUN|auto",
+        help="continue the run in folder RUN from its last checkpoint (MODEL and the options "
+        "may be left out); auto: continue --out if it contains a checkpoint, else start it",
     )
     output.add_argument(
         "--format",
@@ -91,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="export format, repeatable (default torchscript)",
     )
     output.add_argument("--no-draw", action="store_true", help="skip the diagrams")
+    output.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log metrics and theta to RUN/tensorboard (pip install 'fxadapt[tensorboard]')",
+    )
+    output.add_argument(
+        "--theta-every",
+        type=int,
+        metavar="STEPS",
+        help="architecture steps between two theta samples in theta.jsonl (default 10)",
+    )
     train.set_defaults(handler=_train)
 
     export = commands.add_parser("export", parents=[common], help="export a run's derived module")
@@ -100,14 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_export)
 
+    report = commands.add_parser(
+        "report", parents=[common], help="write a run's report.html with its plots"
+    )
+    report.add_argument("run", help="run directory written by fxadapt train")
+    report.set_defaults(handler=_report)
+
     draw = commands.add_parser("draw", parents=[common], help="draw a run's diagrams again")
     draw.add_argument("run", help="run directory written by fxadapt train")
     draw.set_defaults(handler=_draw)
     return parser
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path/to/file.py:Class or package.module:Class")
+def _add_model_options(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?" if optional else None,
+        help="path/to/file.py:Class or package.module:Class",
+    )
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model-arg",
@@ -118,7 +149,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="constructor argument, repeatable; VALUE is a Python literal",
     )
     group.add_argument(
-        "--granularity", default="branch", choices=("branch",), help="what an edge is"
+        "--granularity",
+        default="branch",
+        choices=GRANULARITIES,
+        help="branch: edges end at additive merges (default); layer: also every conv or "
+        "linear group",
+    )
+    group.add_argument(
+        "--shortcuts",
+        action="store_true",
+        help="add new-shortcut edges, none at first, that training can turn into skips",
     )
     group.add_argument(
         "--scope",
@@ -136,6 +176,13 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-dir", help="folder of the data set (not needed for digits)")
     group.add_argument("--train-limit", type=int, help="class-balanced subset of N training images")
     group.add_argument("--test-limit", type=int, help="class-balanced subset of N test images")
+    group.add_argument(
+        "--cutout",
+        type=int,
+        metavar="PIXELS",
+        help="side of the Cutout square in training images, 0 for none (default: the "
+        "model's training defaults, else 0)",
+    )
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -160,10 +207,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help=f"images per batch (default {defaults.batch_size})",
     )
     group.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="optimizer of the weights (default sgd; adam with --objective simclr)",
+    )
+    group.add_argument(
         "--lr",
         type=float,
-        default=defaults.lr,
-        help=f"learning rate of the weights (default {defaults.lr})",
+        help=f"learning rate of the weights (default {defaults.lr} for sgd, 0.001 for adam)",
     )
     group.add_argument(
         "--arch-lr",
@@ -197,9 +248,51 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.grad_clip,
         help=f"maximum gradient norm of the weights, 0 for none (default {defaults.grad_clip})",
     )
+    group.add_argument(
+        "--drop-path",
+        type=float,
+        metavar="P",
+        help="drop-path probability reached at the last epoch, ramped from 0 (default: the "
+        "model's training defaults, else 0)",
+    )
     group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
     group.add_argument(
-        "--device", default=defaults.device, help="cpu, cuda or cuda:N (default cpu)"
+        "--device", help=f"cpu, cuda or cuda:N (default {defaults.device})"
+    )
+
+
+def _add_objective_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("objective")
+    group.add_argument(
+        "--objective",
+        default="supervised",
+        choices=("supervised", "simclr"),
+        help="supervised: cross-entropy (default); simclr: self-supervised, adapts the backbone",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=TEMPERATURE,
+        help=f"NT-Xent temperature of simclr, a positive number (default {TEMPERATURE})",
+    )
+    group.add_argument(
+        "--knn-k",
+        type=int,
+        default=KNN_K,
+        metavar="K",
+        help=f"training images that vote in the kNN monitor of simclr (default {KNN_K})",
+    )
+    group.add_argument(
+        "--knn-temperature",
+        type=float,
+        default=KNN_TEMPERATURE,
+        help=f"temperature of the kNN monitor's vote weights (default {KNN_TEMPERATURE})",
+    )
+    group.add_argument(
+        "--feature-node",
+        metavar="NAME",
+        help="traced node whose value simclr takes as features (default: the input of the "
+        "last nn.Linear)",
     )
 
 
@@ -215,6 +308,7 @@ def _wrap(arguments: argparse.Namespace) -> None:
         model_args=parse_model_args(arguments.model_args),
         granularity=arguments.granularity,
         scope=arguments.scope,
+        shortcuts=arguments.shortcuts,
     )
     _, wrapped = wrap_model(options, input_shape)
     table = edge_table(wrapped)
@@ -233,17 +327,22 @@ def _wrap(arguments: argparse.Namespace) -> None:
 
 def _train(arguments: argparse.Namespace) -> None:
     from fxadapt.loading import parse_model_args
-    from fxadapt.report import cost_table_view, edge_table_view
-    from fxadapt.run import RunOptions, WrapOptions, train_run
+    from fxadapt.run import RunOptions, WrapOptions
 
+    resume, resume_out = _resume_request(arguments)
+    if arguments.model is None:
+        _train_and_show(_with_resume_overrides(_saved_run_options(resume, resume_out), arguments))
+        return
     class_name = arguments.model.rpartition(":")[2]
-    out = arguments.out or f"runs/{class_name}-{arguments.data}"
+    out = resume_out or arguments.out or f"runs/{class_name}-{arguments.data}"
     options = RunOptions(
         wrap=WrapOptions(
             model=arguments.model,
             model_args=parse_model_args(arguments.model_args),
             granularity=arguments.granularity,
             scope=arguments.scope,
+            shortcuts=arguments.shortcuts,
+            feature_node=arguments.feature_node,
         ),
         out=out,
         data=arguments.data,
@@ -254,20 +353,46 @@ def _train(arguments: argparse.Namespace) -> None:
             epochs=arguments.epochs,
             arch_epochs=arguments.arch_epochs,
             batch_size=arguments.batch_size,
+            optimizer=arguments.optimizer,
             lr=arguments.lr,
             arch_lr=arguments.arch_lr,
             weight_decay=arguments.weight_decay,
             arch_update=arguments.arch_update,
             arch_every=arguments.arch_every,
             grad_clip=arguments.grad_clip or None,
+            drop_path=arguments.drop_path,
             seed=arguments.seed,
-            device=arguments.device,
+            device=arguments.device or TrainConfig.device,
         ),
         formats=tuple(arguments.formats or ("torchscript",)),
         overwrite=arguments.overwrite,
+        resume=resume,
+        cutout=arguments.cutout,
+        tensorboard=arguments.tensorboard,
+        theta_every=RunOptions.theta_every
+        if arguments.theta_every is None
+        else arguments.theta_every,
         draw=not arguments.no_draw,
+        objective=arguments.objective,
+        temperature=arguments.temperature,
+        knn_k=arguments.knn_k,
+        knn_temperature=arguments.knn_temperature,
     )
-    with _RichProgress() as progress:
+    _train_and_show(options)
+
+
+def _train_and_show(options) -> None:
+    from fxadapt.distributed import rank_from_environment
+    from fxadapt.report import cost_table_view, edge_table_view
+    from fxadapt.run import train_run
+
+    if rank_from_environment() != 0:
+        # Under torchrun only rank 0 shows progress and results.
+        train_run(options, TrainProgress())
+        return
+    out = options.out
+    metric = "kNN accuracy" if options.objective == "simclr" else "test accuracy"
+    with _RichProgress(metric) as progress:
         report = train_run(options, progress)
 
     from fxadapt.edges import EdgeTable as Table
@@ -277,10 +402,82 @@ def _train(arguments: argparse.Namespace) -> None:
     stdout.print(cost_table_view(report["costs"]))
     accuracy = report["accuracy"]["test"]
     stdout.print(
-        f"test accuracy {100 * accuracy:.2f}%; "
+        f"{report['accuracy']['metric']} {100 * accuracy:.2f}%; "
         f"{report['summary']['changed']} of {report['summary']['edges']} edges changed"
     )
-    stdout.print(f"run directory: {out} (report.md, model.ts, diagrams/)")
+    written = [
+        name
+        for name in ("report.html", "report.md", "model.ts", "model.pt2", "model.onnx", "diagrams")
+        if (Path(out) / name).exists()
+    ]
+    stdout.print(f"run directory: {out} ({', '.join(written)})")
+
+
+def _resume_request(arguments: argparse.Namespace) -> tuple[str, str | None]:
+    """Returns the resume mode (no, yes or auto) and the run directory that --resume names."""
+    if arguments.resume is None:
+        return "no", None
+    if arguments.resume == "auto":
+        return "auto", None
+    if arguments.out is not None and Path(arguments.out) != Path(arguments.resume):
+        raise FxadaptError(
+            f"--resume {arguments.resume} and --out {arguments.out} name different run "
+            "directories: pass the run directory once, with --resume"
+        )
+    return "yes", arguments.resume
+
+
+def _with_resume_overrides(options, arguments: argparse.Namespace):
+    """Returns the saved options with those a resume may change taken from the command line."""
+    import dataclasses
+
+    changes = {}
+    if arguments.data_dir is not None:
+        changes["data_dir"] = arguments.data_dir
+    if arguments.formats:
+        changes["formats"] = tuple(arguments.formats)
+    if arguments.no_draw:
+        changes["draw"] = False
+    if arguments.tensorboard:
+        changes["tensorboard"] = True
+    if arguments.theta_every is not None:
+        changes["theta_every"] = arguments.theta_every
+    if arguments.device is not None:
+        changes["train"] = dataclasses.replace(options.train, device=arguments.device)
+    return dataclasses.replace(options, **changes)
+
+
+def _saved_run_options(resume: str, out: str | None):
+    """Returns the options in the config.json of the run that --resume names."""
+    import dataclasses
+    import json
+
+    from fxadapt.run import RunOptions
+    from fxadapt.rundir import RunDir
+
+    if resume != "yes":
+        raise FxadaptError(
+            "MODEL is missing: name the model to train (path/to/file.py:Class), or pass "
+            "--resume RUN to continue the run in folder RUN"
+        )
+    config_file = Path(out) / RunDir.CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError as err:
+        raise FxadaptError(
+            f"cannot resume {out}: {RunDir.CONFIG} not found there; pass the --out folder "
+            "of an earlier `fxadapt train`"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise FxadaptError(f"{config_file} cannot be read ({err}): pass a run directory") from err
+    options = RunOptions.from_dict(config)
+    return dataclasses.replace(options, out=out, resume="yes", overwrite=False)
+
+
+def _report(arguments: argparse.Namespace) -> None:
+    from fxadapt.html_report import build_html_report
+
+    stdout.print(f"wrote {build_html_report(arguments.run)}")
 
 
 def _export(arguments: argparse.Namespace) -> None:
@@ -305,6 +502,7 @@ def _print_cells(table: EdgeTable) -> None:
         f"{sum('none' in edge.options for edge in table.edges)} allow none"
     )
     for name, cells in table.cell_types.items():
+        cells = [cell or "(root)" for cell in cells]
         stdout.print(
             f"cell type {name}: {len(cells)} cells ({', '.join(cells[:4])}"
             f"{', ...' if len(cells) > 4 else ''})"
@@ -324,7 +522,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 class _RichProgress(TrainProgress):
-    """Shows one progress bar per epoch with the running loss, accuracy and speed."""
+    """Shows one progress bar per epoch with the running loss, accuracy and speed.
+
+    Args:
+        metric: what the evaluation's ``test_accuracy`` is called after each epoch.
+    """
+
+    def __init__(self, metric: str = "test accuracy"):
+        self.metric = metric
 
     def __enter__(self):
         self.bar = None
@@ -364,7 +569,7 @@ class _RichProgress(TrainProgress):
     def epoch_done(self, record: EpochRecord) -> None:
         measured = []
         if record.test_accuracy is not None:
-            measured.append(f"test accuracy {record.test_accuracy:.2%}")
+            measured.append(f"{self.metric} {record.test_accuracy:.2%}")
         if record.test_loss is not None:
             measured.append(f"test loss {record.test_loss:.3f}")
         self.bar.console.print(
@@ -372,6 +577,9 @@ class _RichProgress(TrainProgress):
         )
 
     def derived(self, table: EdgeTable) -> None:
+        if self.bar is None:
+            # Derivation before the first epoch: --arch-epochs 0, or a resumed network stage.
+            self._start()
         changed = [edge for edge in table.edges if edge.changed]
         self.bar.console.print(
             f"derived: {len(changed)} of {len(table.edges)} edges changed"
@@ -380,9 +588,16 @@ class _RichProgress(TrainProgress):
 
 
 def _configure_logging(verbose: bool, debug: bool) -> None:
+    from fxadapt.distributed import rank_from_environment
+
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    if rank_from_environment() != 0 and not debug:
+        # Under torchrun, processes other than rank 0 log errors only.
+        level = logging.ERROR
     handler = RichHandler(console=stderr, show_time=False, show_path=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    # torch's C++ extension helper warns on every CPU-only machine that it found no CUDA.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _fail(err: BaseException, debug: bool, *, status: int, unexpected: bool = False) -> int:

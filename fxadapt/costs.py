@@ -6,7 +6,6 @@ import logging
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_parameters", "count_flops", "measure_latency", "compare_costs"]
@@ -31,6 +30,9 @@ def measure_latency(
     module: nn.Module, example_input: torch.Tensor, *, min_run_time: float = 0.2
 ) -> float:
     """Returns the median seconds of one forward in eval mode, from torch's benchmark timer."""
+    # Imported here: torch's benchmark package logs a CUDA warning on import on CPU machines.
+    from torch.utils import benchmark
+
     timer = benchmark.Timer(
         stmt="module(example_input)",
         globals={"module": module, "example_input": example_input},

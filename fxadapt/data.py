@@ -149,6 +149,8 @@ class DataBundle:
         train_plain: the samples of ``train`` without augmentation.
         mean: per-channel mean used to normalise the images, in [0, 1] units.
         std: per-channel standard deviation used to normalise the images.
+        crop_padding: padding in pixels of the random crop that augments ``train``.
+        flip: whether the augmentation of ``train`` flips images horizontally at random.
     """
 
     name: str
@@ -160,6 +162,8 @@ class DataBundle:
     train_plain: Dataset
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    crop_padding: int = 0
+    flip: bool = False
 
 
 @dataclass
@@ -933,6 +937,8 @@ def _assemble_bundle(
         train_plain=TensorImageDataset(train_images, train_labels, eval_transform),
         mean=tuple(decoded.mean),
         std=tuple(decoded.std),
+        crop_padding=decoded.crop_padding if augment else 0,
+        flip=decoded.flip and augment,
     )
 
 

@@ -1,6 +1,15 @@
 """Exceptions that fxadapt raises for problems a user can fix."""
 
-__all__ = ["FxadaptError", "ModelLoadError", "TraceError", "DataError", "ExportError"]
+import math
+
+__all__ = [
+    "FxadaptError",
+    "ModelLoadError",
+    "TraceError",
+    "DataError",
+    "ExportError",
+    "NonFiniteLossError",
+]
 
 
 class FxadaptError(Exception):
@@ -24,3 +33,24 @@ class DataError(FxadaptError):
 
 class ExportError(FxadaptError):
     """An exported file does not reproduce the derived module."""
+
+
+class NonFiniteLossError(FxadaptError):
+    """The training loss became NaN or infinite.
+
+    Attributes:
+        loss: this process's loss at that step, which is finite when another process of a
+            distributed run saw the bad value.
+        epoch: the epoch, from 1.
+        step: the step within the epoch, from 1.
+    """
+
+    def __init__(self, loss: float, epoch: int, step: int):
+        value = "another process's loss" if math.isfinite(loss) else f"the loss ({loss})"
+        super().__init__(
+            f"{value} became NaN or infinite at epoch {epoch}, step {step}: lower --lr or "
+            "--arch-lr and start the run again with --overwrite"
+        )
+        self.loss = loss
+        self.epoch = epoch
+        self.step = step

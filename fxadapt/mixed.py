@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.compiler import is_compiling
 
 from fxadapt.edges import OPTIONS
 
@@ -48,9 +51,14 @@ class MixedEdge(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not self.has_same:
             return x * self.theta_identity
-        if self.has_identity:
-            return torch.addcmul(out * self.theta_same, x, self.theta_identity)
-        return out * self.theta_same
+        identity = x if self.has_identity else None
+        theta_identity = self.theta_identity if self.has_identity else None
+        if _records_graph(out):
+            return _WeightedSum.apply(out, self.theta_same, identity, theta_identity)
+        result = out * self.theta_same
+        if identity is not None:
+            result.addcmul_(identity, theta_identity)
+        return result
 
     def theta(self) -> dict[str, float]:
         """Returns the current theta of every admitted option."""
@@ -58,3 +66,69 @@ class MixedEdge(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{option}={value:.4g}" for option, value in self.theta().items())
+
+
+def _records_graph(value) -> bool:
+    """Returns True when the forward runs eagerly with autograd recording a graph."""
+    if not torch.is_grad_enabled() or isinstance(value, torch.fx.Proxy):
+        return False
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_compiling())
+
+
+class _WeightedSum(torch.autograd.Function):
+    """Computes ``theta_same * out + theta_identity * x`` with one new tensor.
+
+    The default autograd formulas of ``out * theta_same`` and ``addcmul`` allocate a tensor
+    per operation and save ``out`` for the gradient of theta even when theta needs none.
+    Here the forward scales ``out`` into a new tensor and adds ``theta_identity * x`` to it
+    in place, one fused multiply-add per element. The backward forms a theta gradient as an
+    inner product, which allocates nothing, and saves ``out`` or ``x`` only when the theta
+    that multiplies it requires a gradient. ``x`` and ``theta_identity`` are None for an edge
+    without the identity option.
+    """
+
+    @staticmethod
+    def forward(ctx, out, theta_same, x, theta_identity):
+        result = out * theta_same
+        if x is not None:
+            result.addcmul_(x, theta_identity)
+        needs_same_grad = ctx.needs_input_grad[1]
+        needs_identity_grad = ctx.needs_input_grad[3]
+        ctx.save_for_backward(
+            out if needs_same_grad else None,
+            theta_same,
+            x if needs_identity_grad else None,
+            theta_identity,
+        )
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        out, theta_same, x, theta_identity = ctx.saved_tensors
+        needs_out_grad, needs_same_grad, needs_x_grad, needs_identity_grad = ctx.needs_input_grad
+        grad_out = grad * theta_same if needs_out_grad else None
+        grad_same = _inner_product(grad, out) if needs_same_grad else None
+        grad_x = grad * theta_identity if needs_x_grad else None
+        grad_identity = _inner_product(grad, x) if needs_identity_grad else None
+        return grad_out, grad_same, grad_x, grad_identity
+
+
+def _inner_product(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Returns the sum of the elementwise product of two tensors of the same shape.
+
+    Half-precision products are summed in float32.
+    """
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    if first.dtype != second.dtype or dtype in (torch.float16, torch.bfloat16):
+        return (first * second).sum(dtype=torch.promote_types(dtype, torch.float32))
+    if first.is_contiguous() and second.is_contiguous():
+        return torch.dot(first.view(-1), second.view(-1))
+    if first.dim() == 4 and all(
+        tensor.is_contiguous(memory_format=torch.channels_last) for tensor in (first, second)
+    ):
+        # The NHWC order of a channels-last tensor is its memory order, so these are views.
+        first_flat = first.permute(0, 2, 3, 1).reshape(-1)
+        second_flat = second.permute(0, 2, 3, 1).reshape(-1)
+        return torch.dot(first_flat, second_flat)
+    return (first * second).sum()

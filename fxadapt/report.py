@@ -44,8 +44,14 @@ def build_report(
     config: dict,
     exports: dict[str, str],
     diagrams: list[str],
+    metric: str = "test accuracy",
+    exported: str | None = None,
 ) -> dict:
-    """Returns the report of a finished run as plain data."""
+    """Returns the report of a finished run as plain data.
+
+    ``metric`` names what ``test_accuracy`` measured (a kNN accuracy for a self-supervised
+    run), and ``exported`` describes what the exported module outputs.
+    """
     final = history[-1] if history else {}
     changed = [edge for edge in table.edges if edge.changed]
     return {
@@ -55,6 +61,7 @@ def build_report(
             "test": final.get("test_accuracy"),
             "best_test": max((record["test_accuracy"] for record in history), default=None),
             "train": final.get("train_accuracy"),
+            "metric": metric,
         },
         "edges": edge_rows(table),
         "summary": {
@@ -71,6 +78,7 @@ def build_report(
         "ratios": _ratios(costs),
         "history": history,
         "exports": exports,
+        "exported": exported,
         "diagrams": diagrams,
         "config": config,
     }
@@ -176,7 +184,8 @@ def _markdown(report: dict) -> str:
     lines = [
         f"# fxadapt run: {report['model']} on {report['data']}",
         "",
-        f"Test accuracy: {_percent(accuracy['test'])} (best {_percent(accuracy['best_test'])}); "
+        f"{_metric_label(accuracy)}: {_percent(accuracy['test'])} "
+        f"(best {_percent(accuracy['best_test'])}); "
         f"train accuracy {_percent(accuracy['train'])}.",
         "",
         f"{summary['edges']} edges in {summary['theta_groups']} theta groups; "
@@ -233,7 +242,17 @@ def _markdown(report: dict) -> str:
     if report["exports"]:
         lines += ["", "## Exports", ""]
         lines += [f"- {format}: `{name}`" for format, name in report["exports"].items()]
+        if report.get("exported"):
+            lines += ["", f"The exported module outputs {report['exported']}."]
     return "\n".join(lines) + "\n"
+
+
+def _metric_label(accuracy: dict) -> str:
+    metric = accuracy.get("metric") or "test accuracy"
+    # Capitalise a plain word ("test"), but keep an abbreviation such as "kNN" as written.
+    if metric[1:2].islower():
+        return metric[:1].upper() + metric[1:]
+    return metric
 
 
 def _percent(value: float | None) -> str:

@@ -18,6 +18,16 @@ __all__ = ["RunDir"]
 logger = logging.getLogger(__name__)
 
 
+def _file_mode() -> int:
+    """Returns the mode that a newly created file gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 class RunDir:
     """One run's folder; every file is written whole or not at all.
 
@@ -58,8 +68,8 @@ class RunDir:
             raise FxadaptError(f"{path} exists and is not a folder: choose another --out")
         if path.is_dir() and any(path.iterdir()) and not overwrite:
             raise FxadaptError(
-                f"run directory {path} already holds files: pass --overwrite to replace them, "
-                "or choose another --out"
+                f"run directory {path} already holds files: pass --resume {path} to continue "
+                "its run, --overwrite to replace them, or choose another --out"
             )
 
     def file(self, name: str) -> Path:
@@ -85,6 +95,8 @@ class RunDir:
         """Writes ``text`` to ``name`` through a temporary file and a rename."""
         target = self.file(name)
         handle, temporary = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
+        # mkstemp creates the file readable by its owner only; run files are for sharing.
+        os.chmod(temporary, _FILE_MODE)
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temporary, target)
@@ -99,9 +111,14 @@ class RunDir:
         """Writes plain data and tensors with ``torch.save``, atomically."""
         target = self.file(name)
         handle, temporary = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
+        # mkstemp creates the file readable by its owner only; run files are for sharing.
+        os.chmod(temporary, _FILE_MODE)
         os.close(handle)
         try:
             torch.save(data, temporary)
+            # The rename is atomic, but only a synced file survives a machine crash whole.
+            with open(temporary, "rb") as stream:
+                os.fsync(stream.fileno())
             os.replace(temporary, target)
         finally:
             if os.path.exists(temporary):

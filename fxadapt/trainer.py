@@ -11,7 +11,8 @@ Choices that are fxadapt's, not the method's (each is an option): SGD with momen
 weight decay 3e-4 and a cosine schedule for the weights (learning rate 0.025, as in the
 method's experiments); Adam with learning rate 1e-3, betas (0.5, 0.999) and no weight decay
 for theta (weight decay would pull every theta towards 0 and so towards none); gradient
-clipping at norm 5 for the weights.
+clipping at norm 5 for the weights. ``optimizer="adam"`` trains the weights with Adam
+(default betas, the same weight decay and cosine schedule) instead of SGD.
 
 Two faster variants depart from the method and are never the default: ``arch_update="joint"``
 takes the gradients of the weights and of theta from one forward and backward pass, and
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,14 +33,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fxadapt.api import arch_parameters, derive, edge_table, weight_parameters
+from fxadapt.distributed import Parallelism
 from fxadapt.edges import EdgeTable
-from fxadapt.errors import FxadaptError
+from fxadapt.errors import FxadaptError, NonFiniteLossError
 from fxadapt.objectives import Objective, Supervised
+from fxadapt.rng import restore_rng_state
 
 __all__ = [
     "ARCH_UPDATES",
+    "OPTIMIZERS",
     "TrainConfig",
     "EpochRecord",
+    "EpochTotals",
+    "TrainingStopped",
     "TrainProgress",
     "TrainResult",
     "Trainer",
@@ -49,6 +55,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ARCH_UPDATES = ("alternate", "joint")
+
+# Optimizers that ``TrainConfig.optimizer`` accepts for the weights. Theta always uses Adam.
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -62,6 +71,7 @@ class TrainConfig:
         lr: initial learning rate of the weights.
         momentum: SGD momentum of the weights.
         weight_decay: weight decay of the weights.
+        optimizer: optimizer of the weights, ``sgd`` (with ``momentum``) or ``adam``.
         arch_lr: learning rate of theta.
         arch_betas: Adam betas of theta.
         arch_weight_decay: weight decay of theta.
@@ -69,6 +79,10 @@ class TrainConfig:
             batch) or ``joint`` (both from one backward pass; faster, a deviation).
         arch_every: take a theta step on every K-th batch of the architecture stage.
         grad_clip: maximum gradient norm of the weights, or None for no clipping.
+        drop_path: the drop-path probability of the last epoch, ramped linearly from 0 at
+            the first epoch. It is set on every ``nn.Dropout3d`` whose module path contains
+            ``drop_path`` (how the zoo's DARTS builds its drop paths, so that tracing does
+            not freeze them). None means 0 unless the model's training defaults say more.
         seed: seed of every random number generator the run uses.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
     """
@@ -79,12 +93,14 @@ class TrainConfig:
     lr: float = 0.025
     momentum: float = 0.9
     weight_decay: float = 3e-4
+    optimizer: str = "sgd"
     arch_lr: float = 1e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 0.0
     arch_update: str = "alternate"
     arch_every: int = 1
     grad_clip: float | None = 5.0
+    drop_path: float | None = None
     seed: int = 0
     device: str = "cpu"
 
@@ -94,10 +110,24 @@ class TrainConfig:
             raise FxadaptError(f"--epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.arch_epochs <= self.epochs:
             raise FxadaptError(
-                f"--arch-epochs {self.arch_epochs} must be between 0 and --epochs {self.epochs}"
+                f"--arch-epochs {self.arch_epochs} must be between 0 and --epochs {self.epochs}: "
+                "lower --arch-epochs or raise --epochs"
             )
         if self.batch_size < 1:
             raise FxadaptError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for option, value in (("--lr", self.lr), ("--arch-lr", self.arch_lr)):
+            if value is not None and not value > 0:
+                raise FxadaptError(f"{option} must be a positive learning rate, got {value}")
+        if self.weight_decay < 0:
+            raise FxadaptError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise FxadaptError(f"--grad-clip must be positive, or 0 for none, got {self.grad_clip}")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise FxadaptError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FxadaptError(
+                f"invalid --optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
         if self.arch_update not in ARCH_UPDATES:
             raise FxadaptError(
                 f"invalid --arch-update {self.arch_update!r}: use one of {', '.join(ARCH_UPDATES)}"
@@ -125,6 +155,42 @@ class EpochRecord:
     def to_dict(self) -> dict:
         """Returns the record as plain data."""
         return asdict(self)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of the epoch in progress, kept so that a stopped epoch can continue.
+
+    Attributes:
+        epoch: the epoch, from 0.
+        steps: batches trained so far.
+        loss_sum: the sum of batch loss times batch size.
+        correct: correctly classified samples, or None when the objective counts none.
+        seen: samples trained so far.
+        seconds: training time so far.
+        rng_state: the global generators' state after the last trained batch (see
+            ``fxadapt.rng``), restored when the epoch continues; None while it runs.
+    """
+
+    epoch: int
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int | None = None
+    seen: int = 0
+    seconds: float = 0.0
+    rng_state: dict | None = None
+
+
+class TrainingStopped(Exception):
+    """Raised by ``Trainer.fit`` at a batch boundary after ``stop_requested`` was set.
+
+    Attributes:
+        totals: the sums of the unfinished epoch, or None when it stopped between epochs.
+    """
+
+    def __init__(self, totals: EpochTotals | None):
+        super().__init__("training stopped on request")
+        self.totals = totals
 
 
 @dataclass
@@ -164,9 +230,51 @@ def resolve_device(name: str) -> torch.device:
         raise FxadaptError(f"invalid --device {name!r}: use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FxadaptError(
-            f"--device {name} asked for CUDA, which is not available here: use --device cpu"
+            f"--device {name} requests CUDA, which is not available here: use --device cpu"
         )
     return device
+
+
+class _frozen_batch_statistics:
+    """Keeps BatchNorm's running statistics unchanged for the duration of a ``with`` block.
+
+    The theta step runs the same batch forward a second time; with momentum 0 BatchNorm still
+    normalises with the batch's statistics but does not count the batch twice in its
+    running averages.
+    """
+
+    def __init__(self, norms: list[nn.modules.batchnorm._BatchNorm]):
+        self.norms = norms
+
+    def __enter__(self):
+        self.momenta = [layer.momentum for layer in self.norms]
+        for layer in self.norms:
+            layer.momentum = 0.0
+
+    def __exit__(self, *exc_info):
+        for layer, momentum in zip(self.norms, self.momenta, strict=True):
+            layer.momentum = momentum
+
+
+class _no_gradient_for:
+    """Turns ``requires_grad`` off for some parameters for the duration of a ``with`` block.
+
+    A forward pass in the block records nothing for those parameters. The weight step then
+    saves no activation for theta gradients it never takes, and the theta step records no
+    graph for the layers before the first mixed edge.
+    """
+
+    def __init__(self, parameters: list[nn.Parameter]):
+        self.parameters = parameters
+
+    def __enter__(self):
+        self.flags = [parameter.requires_grad for parameter in self.parameters]
+        for parameter in self.parameters:
+            parameter.requires_grad_(False)
+
+    def __exit__(self, *exc_info):
+        for parameter, flag in zip(self.parameters, self.flags, strict=True):
+            parameter.requires_grad_(flag)
 
 
 class Trainer:
@@ -183,6 +291,13 @@ class Trainer:
             example to save a checkpoint.
         on_step: called with the trainer, the epoch (from 1) and the step (from 1) after
             every batch, for example to log theta.
+        parallel: how to work with other training processes (``fxadapt.distributed``);
+            one process alone by default.
+
+    Attributes:
+        stop_requested: set it (from a signal handler, say) to make ``fit`` raise
+            ``TrainingStopped`` after the current batch.
+        resume_totals: the sums of an unfinished epoch to continue, from a checkpoint.
     """
 
     def __init__(
@@ -196,6 +311,7 @@ class Trainer:
         progress: TrainProgress | None = None,
         on_epoch: Callable[[Trainer, EpochRecord], None] | None = None,
         on_step: Callable[[Trainer, int, int], None] | None = None,
+        parallel: Parallelism | None = None,
     ):
         config.check()
         self.config = config
@@ -206,11 +322,19 @@ class Trainer:
         self.progress = progress or TrainProgress()
         self.on_epoch = on_epoch
         self.on_step = on_step
+        self.parallel = parallel or Parallelism()
         self.wrapped = wrapped.to(self.device)
+        self.wrapped_norms = [
+            layer
+            for layer in self.wrapped.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is not None
+        ]
         self.table = edge_table(wrapped)
-        self.model: nn.Module = self.wrapped
+        self.model: nn.Module = self.parallel.wrap(self.wrapped)
         self.derived: torch.fx.GraphModule | None = None
         self.history: list[EpochRecord] = []
+        self.stop_requested = False
+        self.resume_totals: EpochTotals | None = None
 
         self.thetas = arch_parameters(self.wrapped)
         self.weights = weight_parameters(self.wrapped) + self.objective.parameters()
@@ -231,8 +355,18 @@ class Trainer:
         return "architecture" if self.derived is None else "network"
 
     def fit(self) -> TrainResult:
-        """Runs every epoch of both stages and returns the derived module."""
-        torch.manual_seed(self.config.seed)
+        """Runs every epoch of both stages and returns the derived module.
+
+        A trainer restored from a checkpoint continues from its history (and its unfinished
+        epoch) with the restored generators instead of seeding them again.
+
+        Raises:
+            TrainingStopped: when ``stop_requested`` is set; the state is that of a batch
+                boundary, ready to be saved.
+            FxadaptError: when the loss becomes NaN or infinite.
+        """
+        if not self.history and self.resume_totals is None:
+            torch.manual_seed(self.config.seed)
         if self.config.arch_epochs == 0 and self.derived is None:
             self.derive()
         for epoch in range(len(self.history), self.config.epochs):
@@ -246,34 +380,49 @@ class Trainer:
         return TrainResult(self.derived, self.table, self.history)
 
     def run_epoch(self, epoch: int) -> EpochRecord:
-        """Trains one epoch (from 0) in the current stage and evaluates the result."""
+        """Trains one epoch (from 0) in the current stage and evaluates the result.
+
+        An epoch in ``resume_totals`` continues after its last trained batch.
+        """
         stage = self.stage
+        self._set_drop_path(epoch)
         self.model.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            # A DistributedSampler draws each epoch's order from its seed and the epoch.
+            sampler.set_epoch(epoch)
         self.progress.epoch_started(stage, epoch, self.config.epochs, len(self.train_loader))
         lr = self.optimizer.param_groups[0]["lr"]
-        total_loss, total_correct, total_seen = 0.0, 0, 0
-        started = time.perf_counter()
-        for step, batch in enumerate(self.train_loader):
+        totals, batches = self._start_epoch(epoch)
+        started = time.perf_counter() - totals.seconds
+        for step, batch in enumerate(batches, start=totals.steps):
             update_theta = stage == "architecture" and step % self.config.arch_every == 0
             result = self.train_step(batch, update_theta)
             loss = float(result.loss.detach())
-            if not math.isfinite(loss):
-                raise FxadaptError(
-                    f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}: lower "
-                    "--lr or --arch-lr; the last checkpoint is from the epoch before"
-                )
-            total_loss += loss * result.count
-            total_seen += result.count
-            if result.correct is not None:
-                total_correct += result.correct
-            accuracy = total_correct / total_seen if result.correct is not None else None
-            self.progress.batch_done(
-                total_loss / total_seen, accuracy, total_seen / (time.perf_counter() - started)
+            # Every process learns of a bad loss or a stop request at the same step.
+            non_finite, stop = self.parallel.any_flags(
+                [not math.isfinite(loss), self.stop_requested]
             )
+            if non_finite:
+                raise NonFiniteLossError(loss, epoch + 1, step + 1)
+            totals.steps = step + 1
+            totals.loss_sum += loss * result.count
+            totals.seen += result.count
+            if result.correct is not None:
+                totals.correct = (totals.correct or 0) + result.correct
+            accuracy = None if totals.correct is None else totals.correct / totals.seen
+            speed = totals.seen / (time.perf_counter() - started)
+            self.progress.batch_done(totals.loss_sum / totals.seen, accuracy, speed)
             if self.on_step is not None:
                 self.on_step(self, epoch + 1, step + 1)
-        seconds = time.perf_counter() - started
+            if stop:
+                totals.seconds = time.perf_counter() - started
+                raise TrainingStopped(totals)
+        totals.seconds = time.perf_counter() - started
         self.scheduler.step()
+        loss_sum, correct, seen = self.parallel.sum_values(
+            [totals.loss_sum, totals.correct or 0, totals.seen]
+        )
 
         self.model.eval()
         metrics = self.objective.evaluate(self.model, self.test_loader, self.device)
@@ -281,16 +430,33 @@ class Trainer:
         return EpochRecord(
             epoch=epoch + 1,
             stage=stage,
-            train_loss=total_loss / max(total_seen, 1),
-            train_accuracy=total_correct / total_seen if accuracy is not None else None,
+            train_loss=loss_sum / max(seen, 1),
+            train_accuracy=None if totals.correct is None else correct / seen,
             test_loss=metrics.get("test_loss"),
             test_accuracy=metrics.get("test_accuracy"),
             lr=lr,
             arch_lr=self.config.arch_lr if stage == "architecture" else None,
-            images_per_second=total_seen / seconds if seconds > 0 else 0.0,
-            seconds=seconds,
+            images_per_second=seen / totals.seconds if totals.seconds > 0 else 0.0,
+            seconds=totals.seconds,
             theta=self.theta_values(),
         )
+
+    def _start_epoch(self, epoch: int) -> tuple[EpochTotals, Iterator]:
+        """Returns the epoch's running sums and its batches, continued from ``resume_totals``."""
+        batches = iter(self.train_loader)
+        totals, self.resume_totals = self.resume_totals, None
+        if totals is None:
+            return EpochTotals(epoch), batches
+        if totals.epoch != epoch:
+            raise ValueError(f"resume_totals belong to epoch {totals.epoch}, not {epoch}")
+        # Loading the trained batches again moves the loader to the same place in the same
+        # order. The generators then go back to their state after the last trained batch.
+        for _ in range(totals.steps):
+            next(batches)
+        if totals.rng_state is not None:
+            restore_rng_state(totals.rng_state, self.device)
+            totals.rng_state = None
+        return totals, batches
 
     def train_step(self, batch, update_theta: bool):
         """Takes the weight step (and the theta step when asked) on one batch."""
@@ -298,12 +464,17 @@ class Trainer:
             return self._joint_step(batch)
         result = self._weight_step(batch)
         if update_theta:
+            # Weight gradients held through the theta step would sit between its activations
+            # in the CPU heap and make the process's peak resident memory grow.
+            self.optimizer.zero_grad(set_to_none=True)
             self._theta_step(batch)
         return result
 
     def _weight_step(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.objective.batch(self.model, batch, self.device)
+        thetas = self.thetas if self.derived is None else []
+        with _no_gradient_for(thetas):
+            result = self.objective.batch(self.model, batch, self.device)
         # Only the weights receive gradients here; theta keeps none from this step.
         result.loss.backward(inputs=self.weights)
         self._clip_and_step()
@@ -311,11 +482,15 @@ class Trainer:
 
     def _theta_step(self, batch) -> None:
         self.arch_optimizer.zero_grad(set_to_none=True)
-        result = self.objective.batch(self.model, batch, self.device)
+        # The wrapped module without its DDP wrapper: DDP would wait for weight gradients
+        # that this step never computes.
+        with _frozen_batch_statistics(self.wrapped_norms), _no_gradient_for(self.weights):
+            result = self.objective.batch(self.wrapped, batch, self.device)
         # autograd.grad forms the gradient of theta alone: no weight gradient is computed.
         gradients = torch.autograd.grad(result.loss, self.thetas)
         for theta, gradient in zip(self.thetas, gradients, strict=True):
             theta.grad = gradient
+        self.parallel.average_gradients(self.thetas)
         self.arch_optimizer.step()
 
     def _joint_step(self, batch):
@@ -324,10 +499,19 @@ class Trainer:
         result = self.objective.batch(self.model, batch, self.device)
         result.loss.backward(inputs=self.weights + self.thetas)
         self._clip_and_step()
+        self.parallel.average_gradients(self.thetas)
         self.arch_optimizer.step()
         return result
 
+    def _set_drop_path(self, epoch: int) -> None:
+        probability = (self.config.drop_path or 0.0) * epoch / max(self.config.epochs - 1, 1)
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Dropout3d) and "drop_path" in name:
+                module.p = probability
+
     def _clip_and_step(self) -> None:
+        # The objective's own weights (a projection head) are outside the DDP wrapper.
+        self.parallel.average_gradients(self.objective.parameters())
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.weights, self.config.grad_clip)
         self.optimizer.step()
@@ -354,11 +538,17 @@ class Trainer:
             decisions: edge id to option, to apply instead of deciding from theta (when a
                 run is restored from a checkpoint).
         """
+        if decisions is None:
+            # Every process derives from rank 0's theta, so all make the same decisions.
+            self.parallel.broadcast_tensors(self.thetas)
         derived = derive(self.wrapped, decisions)
         self.table = edge_table(derived)
+        self.parallel.check_same_decisions({edge.id: edge.decision for edge in self.table.edges})
         name_to_state = self._weight_state_by_name()
+        # The objective's own weights (a projection head) survive derivation unchanged.
+        objective_state = dict(self.optimizer.state)
         self.derived = derived.to(self.device).train()
-        self.model = self.derived
+        self.model = self.parallel.wrap(self.derived)
         self.weights = list(self.derived.parameters()) + self.objective.parameters()
 
         scheduler_state = self.scheduler.state_dict()
@@ -366,6 +556,9 @@ class Trainer:
         for name, parameter in self.derived.named_parameters():
             if name in name_to_state:
                 self.optimizer.state[parameter] = name_to_state[name]
+        for parameter in self.objective.parameters():
+            if parameter in objective_state:
+                self.optimizer.state[parameter] = objective_state[parameter]
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.config.lr
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -375,6 +568,8 @@ class Trainer:
         self.progress.derived(self.table)
 
     def _weight_optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=lr, weight_decay=self.config.weight_decay)
         return torch.optim.SGD(
             parameters,
             lr=lr,

@@ -1,5 +1,9 @@
-"""Graph passes: each takes a GraphModule and the edge table and returns a new GraphModule."""
+"""Graph passes: each takes a GraphModule and the edge table and returns a new GraphModule.
 
+``cut_backbone`` runs before wrapping, so it takes no edge table.
+"""
+
+from fxadapt.passes.backbone import FeatureNodeError, cut_backbone, find_classifier_input
 from fxadapt.passes.derive import decide, derive
 from fxadapt.passes.fold import fold_theta_scales
 from fxadapt.passes.guard import check_reachability, guard_decisions
@@ -7,9 +11,12 @@ from fxadapt.passes.insert import MIXED_ROOT, insert_mixed_edges
 
 __all__ = [
     "MIXED_ROOT",
+    "FeatureNodeError",
     "check_reachability",
+    "cut_backbone",
     "decide",
     "derive",
+    "find_classifier_input",
     "fold_theta_scales",
     "guard_decisions",
     "insert_mixed_edges",

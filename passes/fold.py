@@ -1,11 +1,10 @@
-"""Fold: move constant theta scales into the affine layer that computes the scaled value.
+"""Fold: move constant theta scales into the affine layer or the merge that takes them.
 
 Takes a derived GraphModule and returns a copy in which every ``mul(v, c)`` that ``derive``
 added for a theta is removed when ``v`` is the output of a BatchNorm (with affine weights), a
-convolution or a linear layer that nothing else uses: that layer's weight and bias are
-multiplied by ``c`` instead. Elsewhere the multiply stays. Outputs are unchanged up to
-floating-point rounding, in training and in eval mode (BatchNorm's statistics are computed
-before its affine step).
+convolution or a linear layer that nothing else uses. That layer's weight and bias are
+multiplied by ``c`` instead. Outputs are unchanged up to floating-point rounding, in training
+and in eval mode (BatchNorm's statistics are computed before its affine step).
 
 Before::
 
@@ -14,12 +13,26 @@ Before::
 After (bn.weight and bn.bias times 0.8)::
 
     conv ──▶ bn ──▶ add
+
+A scale that no layer takes (an empty shortcut, or an identity decision) moves into the add
+that it feeds, when that add is its only user and has two tensor operands and no ``alpha``:
+``add(a, mul(v, c))`` becomes ``torch.add(a, v, alpha=c)``, one kernel instead of two. An
+in-place add keeps writing into the tensor it wrote into before. Elsewhere the multiply stays.
+
+Before::
+
+    x ──▶ mul(·, 0.8) ──▶ add(bn2, ·)
+
+After::
+
+    x ──▶ add(bn2, x, alpha=0.8)
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import operator
 
 import torch
 import torch.fx
@@ -64,6 +77,15 @@ def fold_theta_scales(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
             graph.erase_node(node)
             folded += 1
     logger.debug("folded %d theta scales into affine layers", folded)
+
+    # A second loop, so that a merge whose two inputs are both scaled takes into its alpha
+    # only a scale that no affine layer took.
+    folded_into_merges = 0
+    for node in list(graph.nodes):
+        if node_info(node).get(THETA_SCALE) and _fold_into_merge(node):
+            graph.erase_node(node)
+            folded_into_merges += 1
+    logger.debug("folded %d theta scales into the alpha of an add", folded_into_merges)
     graph.lint()
     result.recompile()
     return result
@@ -75,11 +97,73 @@ def _can_fold(graph_module, value: torch.fx.Node, target_to_calls: dict[str, int
     if target_to_calls.get(value.target) != 1:
         return False
     module = graph_module.get_submodule(value.target)
-    if not isinstance(module, _AFFINE_TYPES):
+    if not isinstance(module, _AFFINE_TYPES) or not _runs_torch_forward(module):
         return False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.affine
     return True
+
+
+def _runs_torch_forward(module: nn.Module) -> bool:
+    """Returns True when the layer computes with the code that torch.nn defines for it.
+
+    A subclass may add a step after the affine one (timm's ``BatchNormAct2d`` applies an
+    activation) or change the weights before using them (weight standardisation), and then a
+    scale folded into its weights no longer scales its output.
+    """
+    for method in ("forward", "_conv_forward"):
+        function = getattr(type(module), method, None)
+        if function is not None and not function.__module__.startswith("torch.nn."):
+            return False
+    return True
+
+
+def _fold_into_merge(scaled: torch.fx.Node) -> bool:
+    """Rewrites the add that uses ``scaled = mul(v, c)`` into ``add(other, v, alpha=c)``.
+
+    Returns False, changing nothing, where the add does not qualify; see the module docstring.
+    """
+    if len(scaled.users) != 1:
+        return False
+    merge = next(iter(scaled.users))
+    operands = _add_operands(merge)
+    if operands is None or operands.count(scaled) != 1:
+        return False
+    value, scale = scaled.args
+    position = operands.index(scaled)
+    other = operands[1 - position]
+    if _shape(other) is None or _shape(other) != _shape(merge):
+        # Only a tensor of the sum's own shape may become the first operand of torch.add.
+        return False
+    in_place = merge.target in (operator.iadd, "add_")
+    if in_place and position == 1:
+        # ``other += c * v`` must still write into ``other``, which later nodes may read.
+        merge.op, merge.target = "call_method", "add_"
+    else:
+        # Only this add reads the scaled tensor, so no other node can tell whether it was written.
+        merge.op, merge.target = "call_function", torch.add
+    merge.args = (other, value)
+    merge.kwargs = {"alpha": scale}
+    return True
+
+
+def _add_operands(node: torch.fx.Node) -> list | None:
+    """Returns the two operands of an add without ``alpha``, or None for any other node."""
+    if node.op == "call_function":
+        is_add = node.target in (operator.add, operator.iadd, torch.add)
+    else:
+        is_add = node.op == "call_method" and node.target in ("add", "add_")
+    if not is_add or set(node.kwargs) - {"other"}:
+        return None
+    operands = [*node.args, *node.kwargs.values()]
+    if len(operands) != 2 or not all(isinstance(operand, torch.fx.Node) for operand in operands):
+        return None
+    return operands
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    tensor_meta = node.meta.get("tensor_meta")
+    return tuple(tensor_meta.shape) if hasattr(tensor_meta, "shape") else None
 
 
 @torch.no_grad()

@@ -141,6 +141,8 @@ def test_wrap_prints_edges_and_cell_types(tmp_path, capsys):
         (["train", RESNET20, "--data", "cifar10"], "--data-dir"),
         (["train", RESNET20, "--epochs", "2", "--arch-epochs", "3"], "--arch-epochs 3"),
         (["train", RESNET20, "--device", "cuda:7"], "CUDA"),
+        (["train", RESNET20, "--theta-every", "0"], "--theta-every must be at least 1"),
+        (["train", RESNET20, "--objective", "simclr", "--knn-k", "0"], "--knn-k must be"),
     ],
 )
 def test_bad_input_gives_one_line(arguments, message, capsys, tmp_path):

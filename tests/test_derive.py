@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import fxadapt
 from fxadapt.models import ResNet20
@@ -98,12 +99,14 @@ def test_theta_same_is_folded_into_batchnorm(decided_resnet):
     assert torch.allclose(derived_bn.bias, 0.6 * wrapped_bn.bias)
 
 
-def test_scale_stays_where_nothing_folds(decided_resnet):
+def test_scale_without_layer_folds_into_add(decided_resnet):
     _, derived, _ = decided_resnet
-    scales = [node.args[1] for node in derived.graph.nodes if node.target is torch.mul]
+    alphas = [node.kwargs.get("alpha") for node in derived.graph.nodes if node.target is torch.add]
+    multiplies = [node for node in derived.graph.nodes if node.target is torch.mul]
 
-    assert pytest.approx(0.8) in scales
-    assert pytest.approx(0.7) in scales
+    assert pytest.approx(0.8) in alphas
+    assert pytest.approx(0.7) in alphas
+    assert multiplies == []
 
 
 def test_default_theta_derives_the_original(example_input):
@@ -147,3 +150,31 @@ def test_ties_go_to_the_conservative_option(example_input):
     decisions = fxadapt.edge_table(fxadapt.derive(wrapped)).decisions()
 
     assert decisions == {0: "same", 1: "same"}
+
+
+class BatchNormSiLU(nn.BatchNorm2d):
+    """A BatchNorm and a SiLU in one module, as timm's BatchNormAct2d."""
+
+    def forward(self, x):
+        return nn.functional.silu(super().forward(x))
+
+
+class SiLUBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = BatchNormSiLU(3)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def test_scale_skips_batchnorm_subclass(example_input):
+    wrapped = fxadapt.wrap(randomize_batchnorm(SiLUBranch()), example_input).eval()
+    branch = next(edge for edge in fxadapt.edge_table(wrapped).edges if edge.nodes)
+    _set_theta(wrapped, branch.theta, same=0.5)
+    derived = fxadapt.derive(wrapped).eval()
+
+    with torch.no_grad():
+        assert torch.allclose(derived(example_input), wrapped(example_input), atol=1e-6)
+    assert torch.equal(derived.get_submodule("bn").weight, wrapped.get_submodule("bn").weight)

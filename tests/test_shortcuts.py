@@ -50,7 +50,8 @@ def test_shortcut_derives_into_identity():
     assert decided.decision == "identity"
     assert difference <= 1e-5
     assert any(
-        node.target is torch.mul and node.args[1] == 0.25 for node in derived.graph.nodes
+        node.target is torch.add and node.kwargs.get("alpha") == 0.25
+        for node in derived.graph.nodes
     )
 
 

@@ -87,3 +87,127 @@ def test_sum_of_tensors_drops_the_zero_start():
 
     assert len(adds) == 1
     assert all(isinstance(arg, torch.fx.Node) for arg in adds[0].args)
+
+
+class TrainingDropout(nn.Module):
+    """Drops values in training mode through a function call, as stochastic depth does."""
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.5, self.training)
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.drop = TrainingDropout()
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+def test_training_argument_follows_mode(example_input):
+    model = DropoutBlock().train()
+    result = trace(model)
+    graph_module = result.graph_module
+    reads = [node for node in graph_module.graph.nodes if node.target == "training"]
+    eval_output = graph_module.eval()(example_input)
+    training_output = graph_module.train()(example_input)
+
+    assert result.leaves == {}
+    assert len(reads) == 1
+    assert torch.equal(eval_output, model.eval()(example_input))
+    assert not torch.equal(training_output, eval_output)
+
+
+class HeadDropout(nn.Module):
+    """Calls dropout with its training flag in the root's own forward, as classifier heads do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.conv(x), 0.5, self.training)
+
+
+def test_root_training_argument_follows_mode(example_input, caplog):
+    model = HeadDropout().train()
+    graph_module = trace(model).graph_module.eval()
+
+    assert torch.equal(graph_module(example_input), model.eval()(example_input))
+    assert "training mode" not in caplog.text
+
+
+class HalveInTraining(nn.Module):
+    def forward(self, x):
+        if self.training:
+            return x * 0.5
+        return x
+
+
+def test_branch_on_mode_makes_leaf(example_input):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), HalveInTraining()).train()
+    result = trace(model)
+    graph_module = result.graph_module
+
+    assert list(result.leaves) == ["1"]
+    assert "branches on the training mode" in result.leaves["1"]
+    assert torch.equal(graph_module.eval()(example_input), model.eval()(example_input))
+    assert torch.equal(graph_module.train()(example_input), model.train()(example_input))
+
+
+def test_trace_keeps_every_module_mode():
+    model = DropoutBlock().train()
+    model.conv.eval()
+    trace(model)
+
+    assert model.training
+    assert model.drop.training
+    assert not model.conv.training
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class ScaleInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = Scale()
+
+    def forward(self, x):
+        if self.training:
+            x = self.scale(x)
+        return x
+
+
+def test_module_called_in_one_mode_blames_caller(example_input):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), ScaleInTraining()).train()
+    result = trace(model)
+
+    assert list(result.leaves) == ["1"]
+    assert torch.equal(result.graph_module.eval()(example_input), model.eval()(example_input))
+
+
+class AuxiliaryHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 3, 1)
+        self.aux = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        out = self.body(x)
+        if self.training:
+            return out, self.aux(x)
+        return out
+
+
+def test_mode_dependent_root_keeps_traced_mode(example_input, caplog):
+    result = trace(AuxiliaryHead().train())
+    output = result.graph_module.eval()(example_input)
+
+    assert result.leaves == {}
+    assert isinstance(output, tuple)
+    assert "AuxiliaryHead.forward branches on the training mode" in caplog.text
