@@ -270,9 +270,10 @@ def test_network_of_derived_shows_removed_edge(networks, tmp_path):
     assert "fxadapt_removed_e3" in nodes
     assert draw.RED in nodes["fxadapt_removed_e3"]
     assert "dashed" in nodes["fxadapt_removed_e3"]
-    assert "fxadapt_removed_e0" not in nodes
+    # The identity's theta is folded into the add (alpha), so e0 leaves no node either.
+    assert "dashed" not in nodes["fxadapt_removed_e0"]
     red_nodes = {name for name, attributes in nodes.items() if draw.RED in attributes}
-    assert red_nodes == {"mul", "fxadapt_removed_e3"}
+    assert red_nodes == {"fxadapt_removed_e0", "fxadapt_removed_e3"}
 
 
 def test_drawing_leaves_inputs_unchanged(networks, tmp_path):
