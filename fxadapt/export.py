@@ -54,7 +54,7 @@ def export(
     """Writes ``module`` to ``path`` in eval mode after checking that the file reproduces it.
 
     The file is written into a temporary folder beside ``path`` first, loaded back and run on
-    ``example_input``; only when its outputs match the module's does it replace ``path``. An
+    ``example_input``. Only when its outputs match the module's does it replace ``path``. An
     ONNX file of a module with more than 1 GiB of weights comes with its weights in a second
     file, ``path`` with ``.data`` appended, which is moved beside it.
 
@@ -362,9 +362,9 @@ def _write_onnx(module: nn.Module, path: str | os.PathLike, example_input: torch
             return
         except Exception as err:  # noqa: BLE001 - the older exporter gets its chance
             dynamo_error = err
-        # NOTE: the torch.export-based exporter still fails on some graphs that the
-        # TorchScript-based one (deprecated in PyTorch 2.14) converts, for example a view of
-        # the non-contiguous output of a decomposed attention; that one is tried second.
+        # NOTE: the torch.export-based exporter of PyTorch 2.14 fails on some graphs that the
+        # older TorchScript-based one converts, such as a view of the non-contiguous output of
+        # a decomposed attention. So the older exporter, deprecated in 2.14, is tried second.
         logger.warning(
             "the torch.export-based ONNX exporter failed (%s); trying the TorchScript-based one",
             _describe_failure(dynamo_error),

@@ -7,7 +7,7 @@ goes on. Because the tracer enters submodules depth first, the smallest submodul
 is the one that becomes a leaf. Every node records the path of the module it came from in
 ``node.meta["fxadapt"]["module_path"]``.
 
-A traced graph holds the value that ``self.training`` had while tracing as a constant (the
+torch.fx records the value that ``self.training`` has while tracing as a constant (the
 ``training`` argument of ``stochastic_depth`` or ``F.dropout``, an ``if self.training:``), so
 ``train()`` and ``eval()`` would no longer change what such a module computes. ``trace``
 therefore traces the model a second time in the other mode and compares what each module

@@ -123,6 +123,10 @@ def _fold_into_merge(scaled: torch.fx.Node) -> bool:
 
     Returns False, changing nothing, where the add does not qualify; see the module docstring.
     """
+    # NOTE: the alpha costs nothing in the forward pass, but the backward pass still scales
+    # the gradient of ``v`` in a kernel of its own. Removing that too would mean carrying the
+    # scale through the ReLU after the merge into the BatchNorm layers that read it (their eps
+    # and running statistics), which this pass does not do.
     if len(scaled.users) != 1:
         return False
     merge = next(iter(scaled.users))
