@@ -4,13 +4,15 @@
     python benchmarks/compatibility.py --library torchvision --only "resnet*"
     python benchmarks/compatibility.py --resume --limit 20   # the next 20 models without a row
 
-For each model (random weights, 10 classes, the smallest input size it accepts) the chain in
-``compatibility_chain.py`` runs: wrap, one weight and one theta step, a derivation forced to
-one identity and one none decision where the edge table allows them, and export to every
-format, each file checked against the derived module. Each model runs in a worker process
-with a time limit and a memory limit. Results go to ``docs/compatibility.json`` after every
-model, and the table ``docs/compatibility.md`` is rewritten from all the rows in it, so runs
-can be split into chunks and resumed.
+Each model is built with random weights, 10 classes and the smallest input size it accepts.
+The chain in ``compatibility_chain.py`` then runs on it: wrap, one weight and one theta step,
+a derivation forced to one identity and one none decision where the edge table allows them,
+and export to every format, each file checked against the derived module. Each model runs in
+a worker process with a time limit and a memory limit.
+
+Results go to ``docs/compatibility.json`` after every model, and the table
+``docs/compatibility.md`` is rewritten from all the rows in it, so runs can be split into
+chunks and resumed.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+
     selection = parser.add_argument_group("selection")
     selection.add_argument(
         "--library",
@@ -113,6 +116,7 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--resume", action="store_true", help="skip models that already have a row"
     )
     selection.add_argument("--limit", type=int, help="run at most this many models")
+
     run = parser.add_argument_group("run")
     run.add_argument(
         "--timeout", type=float, default=900.0, help="time limit per model, in seconds"
@@ -132,6 +136,7 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         choices=FORMATS,
         help="export format to check (repeatable; default: all)",
     )
+
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output",
@@ -145,6 +150,7 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default=Path(tempfile.gettempdir()) / "fxadapt-compatibility.log",
         help="file that receives the workers' output and tracebacks",
     )
+
     options = parser.parse_args(argv)
     options.library = options.library or list(LIBRARIES)
     options.formats = tuple(options.formats or FORMATS)
@@ -296,10 +302,16 @@ class _Worker:
             status = f"timed out after {self.options.timeout:g} s"
         else:
             try:
-                return self.connection.recv()
+                row = self.connection.recv()
             except EOFError:
                 self.process.join(timeout=10)
                 status = f"the worker process died (exit code {self.process.exitcode})"
+            else:
+                # A failure can leave the worker short of memory (after the memory limit) or
+                # with broken state, so the next model starts in a new worker.
+                if row["status"] != "pass":
+                    self.stop()
+                return row
         self.stop()
         return {
             **_empty_row(spec),
@@ -399,7 +411,6 @@ def evaluate(spec: ModelSpec, num_classes: int, formats: tuple[str, ...]) -> dic
         result = run_chain(
             model, example_input, num_classes=num_classes, formats=formats, name=spec.name
         )
-        del model
         row.update(result.to_dict())
 
     torchscript = row["exports"].get("torchscript", PASS)

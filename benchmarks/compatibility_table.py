@@ -58,7 +58,9 @@ Versions: {versions}.
 Every classification builder of `torchvision.models` is one row, and so is every module
 (model family) of `timm.list_modules()`, represented by its model with the fewest parameters.
 Each model is built with random weights and 10 classes and fed a batch of two random images
-of the smallest square size it accepts (the *input* column). The chain then runs:
+of the smallest square size it accepts in eval and in training mode (the *input* column).
+BatchNorm running statistics are set from that batch, so that eval-mode activations stay
+near unit scale. The chain then runs:
 
 1. **wrap**: trace with leaf fallback, find the edges and insert mixed edges; the wrapped
    module must compute what the model computes.
@@ -66,7 +68,9 @@ of the smallest square size it accepts (the *input* column). The chain then runs
 3. **derive**: theta are set by hand so that one edge chooses identity and another none,
    where the edge table has edges that allow them; the derived module must compute what the
    mixed module computes with the theta of the options not chosen set to zero.
-4. **export** to each format; `fxadapt.export` checks every file against the derived module.
+4. **export** to each format. `fxadapt.export` checks every file against the derived module,
+   with its relative tolerance of 1e-4 and an absolute tolerance of 1e-4 of the largest
+   output value.
 
 A model passes when every step passes through the TorchScript export. A model with no
 additive merge has no edge: its traced module is trained and exported as it is, and it

@@ -1,6 +1,6 @@
 """Writes docs/models.md: the zoo's networks with their edges, theta groups and options.
 
-    python benchmarks/models_table.py --out docs/models.md
+python benchmarks/models_table.py --out docs/models.md
 """
 
 import argparse
@@ -56,9 +56,12 @@ def main() -> None:
             f"{counts['cell_types']} | {counts['cell_groups']} | {counts['layer_edges']} |"
         )
         print(rows[-1])
-    text = HEADER.format(
-        torch=torch.__version__, python=platform.python_version()
-    ) + "\n".join(rows) + "\n" + FOOTER
+    text = (
+        HEADER.format(torch=torch.__version__, python=platform.python_version())
+        + "\n".join(rows)
+        + "\n"
+        + FOOTER
+    )
     Path(arguments.out).write_text(text)
 
 

@@ -7,7 +7,7 @@ For every seed the original model and an fxadapt run train on the same data subs
 same initial weights, in the same batch order. The seed sets the weights, the order and the
 augmentation. Runs alternate (original, adapted, then adapted, original for the next
 seed), so a change in the machine's load touches both variants alike. After every epoch a
-class-balanced subset of the test split (``--monitor-limit``) is evaluated; the accuracy in
+class-balanced subset of the test split (``--monitor-limit``) is evaluated. The accuracy in
 the table is that of the last epoch on the whole test split.
 
 Writes the results as JSON (rewritten after every run, so an interrupted study keeps what it

@@ -29,7 +29,7 @@ def train_epoch(model, loader, weight_optimizer, theta_optimizer=None, thetas=()
             # Same batch, updated weights: the gradient of theta alone.
             theta_optimizer.zero_grad()
             loss = criterion(model(images), labels)
-            for theta, gradient in zip(thetas, torch.autograd.grad(loss, thetas)):
+            for theta, gradient in zip(thetas, torch.autograd.grad(loss, thetas), strict=True):
                 theta.grad = gradient
             theta_optimizer.step()
 

@@ -10,8 +10,8 @@ the same random crop with zero padding, horizontal flip and normalisation as the
 convolutions of cuDNN prefer; :class:`DeviceLoader` gives channels-last batches to match.
 :class:`AutocastObjective` runs an objective's forward passes under bf16 autocast.
 
-NOTE: the development machine of this module has no GPU, so these paths have been run on
-CPU tensors only; their speed on CUDA has not been measured.
+NOTE: these paths have run on CPU tensors only, because no GPU was at hand. Their speed on
+CUDA has not been measured.
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def device_loaders(
 ) -> tuple[DeviceLoader, DeviceLoader]:
     """Builds the train and test loaders of a bundle with both splits on ``device``.
 
-    The train loader shuffles and applies the bundle's augmentation (random crop padded by
-    ``bundle.crop_padding``, horizontal flip when ``bundle.flip``); the test loader keeps
-    the order of the split and does not augment.
+    The train loader shuffles and applies the bundle's augmentation: a random crop padded by
+    ``bundle.crop_padding`` and, when ``bundle.flip`` is set, a horizontal flip. The test
+    loader keeps the order of the split and does not augment.
 
     Raises:
         ValueError: when a split is not a :class:`fxadapt.data.TensorImageDataset`.

@@ -371,7 +371,11 @@ def _shortcut_edges(facts: _GraphFacts, edges: list[Edge]) -> list[Edge]:
     for edge in edges:
         entry = facts.name_to_node[edge.entry]
         cell = node_info(facts.name_to_node[edge.target]).get("module_path", "")
-        if cell in cell_to_inputs and not _inside(entry, cell) and entry not in cell_to_inputs[cell]:
+        if (
+            cell in cell_to_inputs
+            and not _inside(entry, cell)
+            and entry not in cell_to_inputs[cell]
+        ):
             cell_to_inputs[cell].append(entry)
 
     shortcuts = []
@@ -424,7 +428,12 @@ def _in_graph_order(edges: list[Edge], facts: _GraphFacts) -> list[Edge]:
 
     def key(edge: Edge):
         target = facts.order[facts.name_to_node[edge.target]]
-        return (target, edge.shortcut, edge.consumer_arg, facts.order[facts.name_to_node[edge.exit]])
+        return (
+            target,
+            edge.shortcut,
+            edge.consumer_arg,
+            facts.order[facts.name_to_node[edge.exit]],
+        )
 
     ordered = sorted(edges, key=key)
     for index, edge in enumerate(ordered):

@@ -256,9 +256,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "model's training defaults, else 0)",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
-    group.add_argument(
-        "--device", help=f"cpu, cuda or cuda:N (default {defaults.device})"
-    )
+    group.add_argument("--device", help=f"cpu, cuda or cuda:N (default {defaults.device})")
 
 
 def _add_objective_options(parser: argparse.ArgumentParser) -> None:

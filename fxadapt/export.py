@@ -166,8 +166,7 @@ def _write(module: nn.Module, path: str, example_input: torch.Tensor, format: st
         elif format == "onnx":
             _write_onnx(module, path, example_input)
         else:
-            program = torch.export.export(module, (example_input,))
-            torch.export.save(program, path)
+            _write_exported_program(module, path, example_input)
     except Exception as err:
         raise ExportError(
             f"{format} export of {type(module).__name__} failed: {_describe_failure(err)}; "
@@ -340,6 +339,40 @@ def _first_call_inputs(
 
 def _only_tensors(value) -> bool:
     return all(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
+
+
+def _write_exported_program(
+    module: nn.Module, path: str | os.PathLike, example_input: torch.Tensor
+) -> None:
+    program = torch.export.export(module, (example_input,))
+    try:
+        torch.export.save(program, path)
+        return
+    except NotImplementedError as err:
+        if "namedtuple" not in str(err):
+            raise
+        reason = _first_line(err)
+    # torch.export saves a namedtuple output only when its class is registered for
+    # serialization, and a process that loads the file would have to register it too. A
+    # tuple of the output's tensors loads anywhere.
+    logger.warning(
+        "the exported program returns the outputs of %s as a plain tuple of tensors (%s)",
+        type(module).__name__,
+        reason,
+    )
+    program = torch.export.export(_FlatOutputs(module), (example_input,))
+    torch.export.save(program, path)
+
+
+class _FlatOutputs(nn.Module):
+    """Runs a module and returns the tensors of its output as one flat tuple."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.utils._pytree.tree_leaves(self.module(x)))
 
 
 def _write_onnx(module: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -127,6 +128,35 @@ def test_unscriptable_module_is_traced(tmp_path, caplog):
 
     assert torch.allclose(load_exported(path)(example), 2 * example)
     assert "so the whole module is traced" in caplog.text
+
+
+class Logits(NamedTuple):
+    main: torch.Tensor
+    auxiliary: torch.Tensor
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Linear(3, 2)
+        self.auxiliary = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return Logits(self.main(x), self.auxiliary(x))
+
+
+def test_namedtuple_output_exports_as_tuple(tmp_path, caplog):
+    model = TwoHeads().eval()
+    example = torch.randn(2, 3)
+    path = fxadapt.export(model, tmp_path / "model.pt2", example, format="exported-program")
+    output = load_exported(path, "exported-program")(example)
+
+    with torch.no_grad():
+        expected = model(example)
+    assert type(output) is tuple
+    assert torch.allclose(output[0], expected.main)
+    assert torch.allclose(output[1], expected.auxiliary)
+    assert "as a plain tuple of tensors" in caplog.text
 
 
 def test_unknown_format_is_rejected(derived, tmp_path):

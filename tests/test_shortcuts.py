@@ -3,10 +3,11 @@
 import copy
 
 import torch
-from conftest import randomize_batchnorm
 
 import fxadapt
 from fxadapt.models import ResNet20
+
+from conftest import randomize_batchnorm
 
 
 def _wrapped():

@@ -211,3 +211,55 @@ def test_mode_dependent_root_keeps_traced_mode(example_input, caplog):
     assert result.leaves == {}
     assert isinstance(output, tuple)
     assert "AuxiliaryHead.forward branches on the training mode" in caplog.text
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, mask=None, scale=1.0):
+        x = self.conv(x) * scale
+        if mask is not None:
+            x = x * mask
+        return x
+
+
+def test_optional_inputs_take_defaults(example_input):
+    model = OptionalMask().eval()
+    graph_module = trace(model).graph_module
+    placeholders = [node.target for node in graph_module.graph.nodes if node.op == "placeholder"]
+
+    assert placeholders == ["x"]
+    assert torch.equal(graph_module(example_input), model(example_input))
+
+
+class TensorOrDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]):
+        return self.conv(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")
+def test_input_annotation_becomes_tensor(example_input):
+    graph_module = trace(TensorOrDict()).graph_module
+    placeholder = next(node for node in graph_module.graph.nodes if node.op == "placeholder")
+    scripted = torch.jit.script(graph_module)
+
+    assert placeholder.type is torch.Tensor
+    assert torch.equal(scripted(example_input), graph_module(example_input))
+
+
+def test_timm_notrace_function_is_one_node():
+    timm = pytest.importorskip("timm", reason="timm comes with the dev extra")
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32).eval()
+    graph_module = trace(model).graph_module
+    example = torch.randn(2, 3, 32, 32)
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+
+    assert timm.layers.resample_abs_pos_embed in targets
+    assert torch.equal(graph_module(example), model(example))

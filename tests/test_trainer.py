@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import TwoBranch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxadapt
 from fxadapt.errors import FxadaptError
 from fxadapt.trainer import TrainConfig, Trainer
+
+from conftest import TwoBranch
 
 
 def _trainer(**config):

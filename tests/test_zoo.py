@@ -9,11 +9,12 @@ import random
 
 import pytest
 import torch
-from conftest import randomize_batchnorm
 
 import fxadapt
 from fxadapt.export import load_exported
 from fxadapt.models import DARTS, MobileNetV2, ProxylessNAS, ResNet20, ResNet50
+
+from conftest import randomize_batchnorm
 
 ZOO = {
     "ResNet20": lambda: ResNet20(),
