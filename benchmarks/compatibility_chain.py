@@ -3,8 +3,8 @@
 0. Set the BatchNorm running statistics from the probe batch, so that the eval-mode
    activations of the random network stay near unit scale.
 1. Wrap (trace with leaf fallback, insert mixed edges). The wrapped module must compute what
-   the model computes.
-2. One weight step, then one theta step, on the same random batch.
+   the model computes, and so must the fused module that training runs (``fxadapt.fuse``).
+2. One weight step, then one theta step of the fused module, on the same random batch.
 3. Derive with hand-set theta that give one identity and one none decision where the edge
    table allows them. The derived module must compute what the mixed module computes with the
    theta of the options not chosen set to zero.
@@ -138,8 +138,17 @@ def run_chain(
         _check_same_outputs(model, wrapped, example_input, "the wrapped module")
         _release_weights(model)
 
+        trained = wrapped
+        if fxadapt.is_wrapped(wrapped):
+            step = "fuse"
+            trained = fxadapt.fuse(wrapped)
+            _check_same_outputs(wrapped, trained, example_input, "the fused module")
+
         step = "train step"
-        _train_step(wrapped, example_input, num_classes)
+        # The fused module shares its weights and theta with the wrapped one, which is the
+        # module that derivation reads.
+        _train_step(trained, example_input, num_classes)
+        del trained
 
         step = "derive"
         derived = _derive(wrapped, example_input, result)

@@ -64,11 +64,14 @@ near unit scale. The chain then runs:
 
 1. **wrap**: trace with leaf fallback, find the edges and insert mixed edges; the wrapped
    module must compute what the model computes.
-2. **train step**: one step of the weights, then one step of theta, on the same batch.
-3. **derive**: theta are set by hand so that one edge chooses identity and another none,
+2. **fuse**: the fused module that the trainer runs (`fxadapt.fuse`) must compute what the
+   wrapped module computes.
+3. **train step**: one step of the weights, then one step of theta, on the same batch, run
+   through the fused module.
+4. **derive**: theta are set by hand so that one edge chooses identity and another none,
    where the edge table has edges that allow them; the derived module must compute what the
    mixed module computes with the theta of the options not chosen set to zero.
-4. **export** to each format. `fxadapt.export` checks every file against the derived module,
+5. **export** to each format. `fxadapt.export` checks every file against the derived module,
    with its relative tolerance of 1e-4 and an absolute tolerance of 1e-4 of the largest
    output value.
 

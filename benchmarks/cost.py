@@ -7,7 +7,7 @@ Measures, each as a ratio fxadapt / plain (or derived / original), median of rou
 alternate the two sides in this one process:
 
 - ``forward_ratio``: one training-mode forward pass of the wrapped network at its initial
-  theta (every edge mixed) against the original network;
+  theta (every edge mixed), fused as the trainer runs it, against the original network;
 - ``arch_epoch_ratio``: an epoch of the architecture stage (alternating weight and theta
   steps) against a plain epoch; ``arch_epoch_ratio_joint`` the same with
   ``--arch-update joint``;
@@ -197,28 +197,32 @@ def _check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namesp
 def _measure_forward(arguments, bundle) -> dict:
     """Times forward passes of the wrapped network at its initial theta against the original.
 
-    Three ways: as a training loop of one's own runs them (every parameter requires a
-    gradient), as the trainer's weight step runs them (theta frozen), and without gradients.
+    The trainer runs the fused module (``fxadapt.fuse``), so the ratios are those of the
+    fused module. Three ways: every parameter requiring a gradient (the joint update), theta
+    frozen (the trainer's weight step), and without gradients. The wrapped module as
+    ``fxadapt.wrap`` returns it, with one pass per option, is timed too, under
+    ``unfused``.
     """
     device = torch.device(arguments.device)
     batch = _batch(bundle.train_plain, arguments.batch_size, device, arguments.channels_last)
     original = _prepare(new_model(arguments.model, bundle, arguments.seed), arguments)
     wrapped = fxadapt.wrap(original, batch[:2]).to(device)
-    logger.info("timing %d forward passes of each network", 6 * arguments.forward_rounds)
+    fused = fxadapt.fuse(wrapped)
+    logger.info("timing %d forward passes of each network", 8 * arguments.forward_rounds)
     compare = functools.partial(
-        compare_forward,
-        original,
-        wrapped,
-        batch,
-        rounds=arguments.forward_rounds,
-        clock=arguments.clock,
+        compare_forward, batch=batch, rounds=arguments.forward_rounds, clock=arguments.clock
     )
-    result = {"batch_size": len(batch), "training_mode": compare()}
+    result = {
+        "batch_size": len(batch),
+        "training_mode": compare(original, fused),
+        "unfused": {"training_mode": compare(original, wrapped)},
+    }
     thetas = fxadapt.arch_parameters(wrapped)
     for theta in thetas:
         theta.requires_grad_(False)
-    result["theta_frozen"] = compare()
-    result["without_gradients"] = compare(grad=False)
+    result["theta_frozen"] = compare(original, fused)
+    result["without_gradients"] = compare(original, fused, grad=False)
+    result["unfused"]["theta_frozen"] = compare(original, wrapped)
     return result
 
 

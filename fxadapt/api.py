@@ -21,7 +21,7 @@ from torch import nn
 from fxadapt.analysis import analyse
 from fxadapt.edges import EdgeTable
 from fxadapt.errors import TraceError
-from fxadapt.passes import MIXED_ROOT, decide, insert_mixed_edges
+from fxadapt.passes import MIXED_ROOT, decide, fuse_mixed_edges, insert_mixed_edges
 from fxadapt.passes import derive as derive_pass
 from fxadapt.tracing import propagate_shapes, trace
 
@@ -124,6 +124,26 @@ def weight_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in module.parameters() if id(parameter) not in thetas]
 
 
+def fuse(wrapped: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Returns a faster module for training ``wrapped``, sharing all its weights and theta.
+
+    Each merge of mixed edges runs as one pass over its tensors, and ``theta_same`` of an
+    edge that ends in BatchNorm scales that layer's affine weights instead of its output
+    (see ``fxadapt.passes.fuse``). Train the fused module and derive, save or draw
+    ``wrapped``: they hold the same parameters, but only ``wrapped`` keeps the mixed edges
+    in its graph.
+
+    Raises:
+        TypeError: when the module did not come from ``wrap``.
+    """
+    _check_wrapped(wrapped)
+    if getattr(wrapped, "meta", {}).get(_META_KEY, {}).get("fused"):
+        raise TypeError("the module is fused already: pass the module from fxadapt.wrap")
+    fused = fuse_mixed_edges(wrapped)
+    fused.meta[_META_KEY] = {**wrapped.meta[_META_KEY], "fused": True}
+    return fused
+
+
 def derive(
     wrapped: torch.fx.GraphModule, decisions: dict[int, str] | None = None
 ) -> torch.fx.GraphModule:
@@ -139,6 +159,11 @@ def derive(
         table, with the decisions, is ``fxadapt.edge_table(derived)``.
     """
     _check_wrapped(wrapped)
+    if wrapped.meta[_META_KEY].get("fused"):
+        raise TypeError(
+            "a fused module has no mixed edges in its graph: derive the module from "
+            "fxadapt.wrap that fxadapt.fuse was given"
+        )
     table = decide(wrapped, edge_table(wrapped), decisions)
     derived = derive_pass(wrapped, table)
     derived.meta[_META_KEY] = {"edge_table": table}

@@ -32,7 +32,7 @@ import torch.fx
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fxadapt.api import arch_parameters, derive, edge_table, weight_parameters
+from fxadapt.api import arch_parameters, derive, edge_table, fuse, weight_parameters
 from fxadapt.distributed import Parallelism
 from fxadapt.edges import EdgeTable
 from fxadapt.errors import FxadaptError, NonFiniteLossError
@@ -330,7 +330,10 @@ class Trainer:
             if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.momentum is not None
         ]
         self.table = edge_table(wrapped)
-        self.model: nn.Module = self.parallel.wrap(self.wrapped)
+        # The architecture stage runs the fused graph: the same weights and theta as
+        # ``wrapped``, with each merge of mixed edges computed in one pass.
+        self.fused = fuse(self.wrapped)
+        self.model: nn.Module = self.parallel.wrap(self.fused)
         self.derived: torch.fx.GraphModule | None = None
         self.history: list[EpochRecord] = []
         self.stop_requested = False
@@ -482,10 +485,10 @@ class Trainer:
 
     def _theta_step(self, batch) -> None:
         self.arch_optimizer.zero_grad(set_to_none=True)
-        # The wrapped module without its DDP wrapper: DDP would wait for weight gradients
+        # The fused module without its DDP wrapper: DDP would wait for weight gradients
         # that this step never computes.
         with _frozen_batch_statistics(self.wrapped_norms), _no_gradient_for(self.weights):
-            result = self.objective.batch(self.wrapped, batch, self.device)
+            result = self.objective.batch(self.fused, batch, self.device)
         # autograd.grad forms the gradient of theta alone: no weight gradient is computed.
         gradients = torch.autograd.grad(result.loss, self.thetas)
         for theta, gradient in zip(self.thetas, gradients, strict=True):

@@ -6,10 +6,12 @@
 from fxadapt.passes.backbone import FeatureNodeError, cut_backbone, find_classifier_input
 from fxadapt.passes.derive import decide, derive
 from fxadapt.passes.fold import fold_theta_scales
+from fxadapt.passes.fuse import FUSED_ROOT, fuse_mixed_edges
 from fxadapt.passes.guard import check_reachability, guard_decisions
 from fxadapt.passes.insert import MIXED_ROOT, insert_mixed_edges
 
 __all__ = [
+    "FUSED_ROOT",
     "MIXED_ROOT",
     "FeatureNodeError",
     "check_reachability",
@@ -18,6 +20,7 @@ __all__ = [
     "derive",
     "find_classifier_input",
     "fold_theta_scales",
+    "fuse_mixed_edges",
     "guard_decisions",
     "insert_mixed_edges",
 ]

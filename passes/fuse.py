@@ -1,0 +1,228 @@
+"""Fuse: the graph the trainer runs, with each merge of mixed edges computed in one pass.
+
+Takes a wrapped GraphModule (from ``insert``) and returns a new GraphModule that computes the
+same values, up to floating-point rounding, and shares every parameter, buffer and
+submodule with it. Training the fused module trains the wrapped one; derivation, diagrams
+and checkpoints keep working on the wrapped module, whose graph is unchanged.
+
+Two rewrites, each applied where it is exact:
+
+- A mixed edge whose operation ends in an affine BatchNorm that only this edge reads takes
+  ``theta_same`` into that BatchNorm's weight and bias (``ScaledBatchNorm``).
+- An add whose operands include mixed edges read by this add alone becomes one
+  ``MixedSum`` of every tensor involved. Terms on the same tensor, such as an edge's
+  identity option and a shortcut from the same NAS node, share one coefficient.
+
+Before, for a ResNet block whose branch ``o`` ends in BatchNorm ``bn``::
+
+    x ──o──▶ bn ──▶ mixed_e0(x, ·) ──▶ add ◀── mixed_e1(x, x) ◀── x
+
+After (4 passes over the block's output become 1)::
+
+    x ──o──▶ ScaledBatchNorm(bn, theta_same[e0]) ──▶ MixedSum ◀── x
+                                  coefficients (1, theta_identity[e0] + theta_same[e1])
+
+Mixed edges that match neither pattern (an in-place add, an add with ``alpha``, an edge read
+by several nodes, operands of different shapes) stay as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxadapt.fused import NORM_TYPES, MixedSum, ScaledBatchNorm, Term
+from fxadapt.mixed import MixedEdge
+from fxadapt.passes.insert import MIXED_ROOT
+from fxadapt.tracing import node_info
+
+__all__ = ["FUSED_ROOT", "fuse_mixed_edges"]
+
+logger = logging.getLogger(__name__)
+
+# Name of the submodule of a fused GraphModule that contains its fused modules.
+FUSED_ROOT = "fxadapt_fused"
+
+
+def fuse_mixed_edges(wrapped: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Returns a module that computes what ``wrapped`` computes with its merges fused.
+
+    Args:
+        wrapped: a module from ``fxadapt.wrap``. It is not changed.
+
+    Returns:
+        A GraphModule that shares its parameters, buffers and submodules with ``wrapped``.
+        Save and derive ``wrapped``: the fused module's state dict has other keys.
+
+    Raises:
+        ValueError: when ``wrapped`` has no mixed edges.
+    """
+    mixed_root = getattr(wrapped, MIXED_ROOT, None)
+    if mixed_root is None:
+        raise ValueError("the module has no mixed edges: pass a module from fxadapt.wrap")
+    graph = copy.deepcopy(wrapped.graph)
+    fuser = _Fuser(wrapped, graph, mixed_root)
+    fuser.run()
+
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            if node.target in fuser.new_modules:
+                root[node.target] = fuser.new_modules[node.target]
+            else:
+                root[node.target] = _attribute(wrapped, node.target)
+    graph.lint()
+    fused = torch.fx.GraphModule(root, graph, class_name=type(wrapped).__name__)
+    # Theta keep the names they have in the wrapped module, so that DDP can leave them out
+    # by name and optimizers built on either module see the same parameters.
+    fused.add_module(MIXED_ROOT, mixed_root)
+    fused.train(wrapped.training)
+    logger.debug("fused %d merges and %d BatchNorm layers", fuser.merges_fused, fuser.norms_scaled)
+    return fused
+
+
+def _attribute(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class _Fuser:
+    """Rewrites one graph in place; ``new_modules`` receives the modules it adds."""
+
+    def __init__(self, wrapped: torch.fx.GraphModule, graph: torch.fx.Graph, mixed_root):
+        self.wrapped = wrapped
+        self.graph = graph
+        self.mixed_root = mixed_root
+        self.new_modules: dict[str, nn.Module] = {}
+        self.merges_fused = 0
+        self.norms_scaled = 0
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.graph is self.graph and _add_operands(node) is not None:
+                self._fuse_merge(node)
+        for node in list(self.graph.nodes):
+            if self._mixed_edge(node) is not None:
+                self._fuse_alone(node)
+
+    def _mixed_edge(self, node: torch.fx.Node) -> MixedEdge | None:
+        if node.op != "call_module" or "mixed_edge" not in node_info(node):
+            return None
+        return self.mixed_root[node.target.split(".", 1)[1]]
+
+    def _fuse_merge(self, merge: torch.fx.Node) -> None:
+        operands = _add_operands(merge)
+        mixed_operands = [
+            operand
+            for operand in operands
+            if self._mixed_edge(operand) is not None and len(operand.users) == 1
+        ]
+        if not mixed_operands or len(set(operands)) != len(operands):
+            return
+        terms: list[tuple[torch.fx.Node, Term]] = []
+        for operand in operands:
+            if operand in mixed_operands:
+                terms += self._edge_terms(operand, dry_run=True)
+            else:
+                terms.append((operand, Term(1.0)))
+        shape = _shape(merge)
+        if shape is None or any(_shape(node) != shape for node, _ in terms):
+            return
+
+        terms = []
+        for operand in operands:
+            if operand in mixed_operands:
+                terms += self._edge_terms(operand)
+            else:
+                terms.append((operand, Term(1.0)))
+        self._replace_with_sum(merge, terms)
+        for operand in mixed_operands:
+            self.graph.erase_node(operand)
+        self.merges_fused += 1
+
+    def _fuse_alone(self, mixed_node: torch.fx.Node) -> None:
+        """Fuses a mixed edge whose output goes elsewhere than into one add."""
+        if not self._scalable_norm(mixed_node):
+            return
+        terms = self._edge_terms(mixed_node)
+        if len(terms) == 1:
+            # theta_same is in the BatchNorm now, and the edge has no other option.
+            mixed_node.replace_all_uses_with(terms[0][0])
+            self.graph.erase_node(mixed_node)
+        else:
+            self._replace_with_sum(mixed_node, terms)
+
+    def _edge_terms(self, mixed_node, dry_run: bool = False) -> list[tuple[torch.fx.Node, Term]]:
+        """Returns the terms of one mixed edge; scales its BatchNorm unless ``dry_run``."""
+        mixed = self._mixed_edge(mixed_node)
+        group = mixed_node.target.split(".", 1)[1]
+        entry, out = mixed_node.args
+        terms = []
+        if mixed.has_same:
+            if self._scalable_norm(mixed_node):
+                if not dry_run:
+                    self._scale_norm(out, mixed, group)
+                terms.append((out, Term(1.0)))
+            else:
+                terms.append((out, Term(0.0, ((group, "same"),))))
+        if mixed.has_identity:
+            terms.append((entry, Term(0.0, ((group, "identity"),))))
+        return terms
+
+    def _scalable_norm(self, mixed_node: torch.fx.Node) -> bool:
+        mixed = self._mixed_edge(mixed_node)
+        entry, out = mixed_node.args
+        if not mixed.has_same or out is entry or out.op != "call_module":
+            return False
+        if len(out.users) != 1 or target_is_fused(out.target):
+            return False
+        norm = _attribute(self.wrapped, out.target)
+        return type(norm) in NORM_TYPES and norm.affine
+
+    def _scale_norm(self, out: torch.fx.Node, mixed: MixedEdge, group: str) -> None:
+        target = f"{FUSED_ROOT}.norm_{len(self.new_modules)}"
+        self.new_modules[target] = ScaledBatchNorm(_attribute(self.wrapped, out.target), mixed)
+        out.target = target
+        self.norms_scaled += 1
+
+    def _replace_with_sum(self, node: torch.fx.Node, terms) -> None:
+        node_to_term: dict[torch.fx.Node, Term] = {}
+        for value, term in terms:
+            if value in node_to_term:
+                previous = node_to_term[value]
+                term = Term(previous.constant + term.constant, previous.thetas + term.thetas)
+            node_to_term[value] = term
+        target = f"{FUSED_ROOT}.sum_{len(self.new_modules)}"
+        self.new_modules[target] = MixedSum(list(node_to_term.values()), self.mixed_root)
+        node.op, node.target = "call_module", target
+        node.args, node.kwargs = tuple(node_to_term), {}
+
+
+def target_is_fused(target: str) -> bool:
+    return target.startswith(f"{FUSED_ROOT}.")
+
+
+def _add_operands(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """Returns the two tensor operands of an out-of-place add, or None for any other node."""
+    if node.op == "call_function":
+        is_add = node.target in (operator.add, torch.add)
+    else:
+        is_add = node.op == "call_method" and node.target == "add"
+    if not is_add or node.kwargs:
+        return None
+    if len(node.args) != 2 or not all(isinstance(arg, torch.fx.Node) for arg in node.args):
+        return None
+    return list(node.args)
+
+
+def _shape(node: torch.fx.Node) -> tuple | None:
+    tensor_meta = node.meta.get("tensor_meta")
+    if not hasattr(tensor_meta, "shape"):
+        return None
+    return (tuple(tensor_meta.shape), tensor_meta.dtype)
