@@ -17,7 +17,9 @@ alternate the two sides in this one process:
 - ``peak_memory_ratio``: peak memory of architecture-stage steps against plain steps, from
   one process per variant (peak resident memory on CPU, the CUDA allocator's peak on GPU);
 - ``latency_ratio_b1`` and ``latency_ratio_b128``: inference latency of the derived network
-  (from the tenth run) against the original, at batch 1 and 128;
+  (from the tenth run) against the original, at batch 1 and 128; the same ratios with both
+  networks traced to TorchScript under ``latency_ratio_b1_torchscript`` and
+  ``latency_ratio_b128_torchscript``;
 - ``flops_ratio``: FLOPs of the derived network against the original.
 
 Epoch and run times come from the clock chosen with ``--clock``. The JSON records both the
@@ -65,6 +67,8 @@ TARGETS = {
     "peak_memory_ratio": 1.15,
     "latency_ratio_b1": 1.00,
     "latency_ratio_b128": 1.00,
+    "latency_ratio_b1_torchscript": None,
+    "latency_ratio_b128_torchscript": None,
     "flops_ratio": 1.00,
 }
 
@@ -78,6 +82,8 @@ DESCRIPTIONS = {
     "peak_memory_ratio": "peak memory of architecture-stage steps / plain steps",
     "latency_ratio_b1": "inference latency at batch 1, derived / original",
     "latency_ratio_b128": "inference latency at batch 128, derived / original",
+    "latency_ratio_b1_torchscript": "the same at batch 1, both traced to TorchScript",
+    "latency_ratio_b128_torchscript": "the same at batch 128, both traced to TorchScript",
     "flops_ratio": "FLOPs, derived / original",
 }
 
@@ -256,14 +262,20 @@ def _measure_derived(arguments, bundle, derived) -> dict:
     for batch_size in (1, 128):
         batch = _batch(bundle.test, batch_size, device, arguments.channels_last)
         logger.info("timing inference latency at batch %d", len(batch))
-        result[f"latency_b{batch_size}"] = compare_latency(
-            original,
-            derived,
-            batch,
+        compare = functools.partial(
+            compare_latency,
+            batch=batch,
             rounds=arguments.latency_rounds,
             min_run_time=arguments.latency_min_time,
             clock=arguments.clock,
         )
+        result[f"latency_b{batch_size}"] = compare(original, derived)
+        # As deployed: both traced to TorchScript, which runs without the Python overhead of
+        # either module's forward (nn.Module calls on one side, a GraphModule on the other).
+        with torch.no_grad():
+            original_script = torch.jit.trace(original, batch)
+            derived_script = torch.jit.trace(derived, batch)
+        result[f"latency_torchscript_b{batch_size}"] = compare(original_script, derived_script)
     return result
 
 
@@ -285,6 +297,8 @@ def compute_ratios(results: dict, clock: str) -> dict[str, float]:
         "peak_memory_ratio": results["memory"]["peak_ratio"],
         "latency_ratio_b1": derived["latency_b1"]["ratio"],
         "latency_ratio_b128": derived["latency_b128"]["ratio"],
+        "latency_ratio_b1_torchscript": derived["latency_torchscript_b1"]["ratio"],
+        "latency_ratio_b128_torchscript": derived["latency_torchscript_b128"]["ratio"],
         "flops_ratio": derived["size"]["flops_ratio"],
     }
 

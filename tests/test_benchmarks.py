@@ -25,6 +25,8 @@ RATIO_KEYS = (
     "peak_memory_ratio",
     "latency_ratio_b1",
     "latency_ratio_b128",
+    "latency_ratio_b1_torchscript",
+    "latency_ratio_b128_torchscript",
     "flops_ratio",
 )
 
