@@ -93,7 +93,7 @@ def _attribute(module: nn.Module, target: str):
 
 
 class _Fuser:
-    """Rewrites one graph in place; ``new_modules`` receives the modules it adds."""
+    """Rewrites one graph in place. ``new_modules`` receives the modules it adds."""
 
     def __init__(self, wrapped: torch.fx.GraphModule, graph: torch.fx.Graph, mixed_root):
         self.wrapped = wrapped
@@ -159,7 +159,7 @@ class _Fuser:
             self._replace_with_sum(mixed_node, terms)
 
     def _edge_terms(self, mixed_node, dry_run: bool = False) -> list[tuple[torch.fx.Node, Term]]:
-        """Returns the terms of one mixed edge; scales its BatchNorm unless ``dry_run``."""
+        """Returns the terms of one mixed edge, and scales its BatchNorm unless ``dry_run``."""
         mixed = self._mixed_edge(mixed_node)
         group = mixed_node.target.split(".", 1)[1]
         entry, out = mixed_node.args
@@ -180,7 +180,7 @@ class _Fuser:
         entry, out = mixed_node.args
         if not mixed.has_same or out is entry or out.op != "call_module":
             return False
-        if len(out.users) != 1 or target_is_fused(out.target):
+        if len(out.users) != 1 or _is_fused_target(out.target):
             return False
         norm = _attribute(self.wrapped, out.target)
         return type(norm) in NORM_TYPES and norm.affine
@@ -204,7 +204,7 @@ class _Fuser:
         node.args, node.kwargs = tuple(node_to_term), {}
 
 
-def target_is_fused(target: str) -> bool:
+def _is_fused_target(target: str) -> bool:
     return target.startswith(f"{FUSED_ROOT}.")
 
 

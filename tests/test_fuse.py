@@ -165,11 +165,11 @@ def test_fused_module_cannot_be_derived_or_fused():
 def test_edge_not_ending_in_batchnorm_stays_mixed():
     wrapped, _, fused = _pair("ResNet20", {"granularity": "layer"})
     edges = fxadapt.edge_table(wrapped).edges
-    kept = [f"fxadapt_mixed.{edge.theta}" for edge in edges if not edge.consumer]
+    unfused_targets = [f"fxadapt_mixed.{edge.theta}" for edge in edges if not edge.consumer]
 
     # The layer edges that no add reads end in ReLU, so neither rewrite applies to them.
     assert [edge.ops[-1] for edge in edges if not edge.consumer] == ["ReLU"]
-    assert _mixed_calls(fused) == kept
+    assert _mixed_calls(fused) == unfused_targets
 
 
 def test_mixed_sum_gradients_match_finite_differences():
