@@ -60,7 +60,8 @@ Every classification builder of `torchvision.models` is one row, and so is every
 Each model is built with random weights and 10 classes and fed a batch of two random images
 of the smallest square size it accepts in eval and in training mode (the *input* column).
 BatchNorm running statistics are set from that batch, so that eval-mode activations stay
-near unit scale. The chain then runs:
+near unit scale, and set again after the training step and after derivation. The chain
+then runs:
 
 1. **wrap**: trace with leaf fallback, find the edges and insert mixed edges; the wrapped
    module must compute what the model computes.
