@@ -8,6 +8,7 @@ from fxadapt.passes.derive import decide, derive
 from fxadapt.passes.fold import fold_theta_scales
 from fxadapt.passes.fuse import FUSED_ROOT, fuse_mixed_edges
 from fxadapt.passes.guard import check_reachability, guard_decisions
+from fxadapt.passes.inplace import use_inplace_operations
 from fxadapt.passes.insert import MIXED_ROOT, insert_mixed_edges
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "fuse_mixed_edges",
     "guard_decisions",
     "insert_mixed_edges",
+    "use_inplace_operations",
 ]

@@ -20,6 +20,7 @@ After::
 
 Dead code, including the operation of every none or identity edge and its weights, is
 eliminated, so the derived module never has more parameters or FLOPs than the original.
+Last, ``use_inplace_operations`` lets ReLUs and residual adds write into their input.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fxadapt.edges import OPTIONS, EdgeTable
 from fxadapt.errors import FxadaptError
 from fxadapt.passes.fold import THETA_SCALE, fold_theta_scales
 from fxadapt.passes.guard import check_reachability, guard_decisions
+from fxadapt.passes.inplace import use_inplace_operations
 from fxadapt.passes.insert import MIXED_ROOT
 from fxadapt.tracing import node_info
 
@@ -137,7 +139,7 @@ def derive(graph_module: torch.fx.GraphModule, table: EdgeTable) -> torch.fx.Gra
 
     folded = fold_theta_scales(result)
     check_reachability(folded, graph_module)
-    return folded
+    return use_inplace_operations(folded)
 
 
 def _chosen_value(graph, mixed, decision, edge) -> torch.fx.Node:
