@@ -77,12 +77,12 @@ then runs:
    output value.
 
 A random network in eval mode can amplify float32 rounding from layer to layer, most of all
-where a BatchNorm channel sees two nearly equal values at the end of a deep network. A
+where a BatchNorm channel receives two nearly equal values at the end of a deep network. A
 wrap, fuse or derive check that fails in float32 is therefore repeated in float64 (derive
 runs again from the float64 wrapped module), and the row's notes give both errors. Where an
 export differs from the derived module, the chain measures how much the derived module
 itself changes between float32 and float64 on the probe batch. When that change is above
-the tolerance too, the export cell says that rounding dominates the outputs rather than
+the tolerance too, the export cell states that rounding dominates the outputs rather than
 blaming the format.
 
 A model passes when every step passes through the TorchScript export. A model with no
