@@ -423,7 +423,7 @@ def _check_same_outputs(
     reference: nn.Module,
     module: nn.Module,
     example_input: torch.Tensor,
-    what: str,
+    label: str,
     result: ChainResult,
     in_float64=None,
 ) -> None:
@@ -441,7 +441,7 @@ def _check_same_outputs(
     modules in float64; by default they are converted in place, and both are converted back
     to float32 afterwards.
     """
-    error = _largest_error(reference, module, example_input, what)
+    error = _largest_error(reference, module, example_input, label)
     if error <= RELATIVE_TOLERANCE:
         return
     if in_float64 is None:
@@ -449,18 +449,18 @@ def _check_same_outputs(
     try:
         reference_float64, module_float64 = in_float64(reference, module)
         error_float64 = _largest_error(
-            reference_float64, module_float64, example_input.double(), what
+            reference_float64, module_float64, example_input.double(), label
         )
     finally:
         reference.float()
         module.float()
     if error_float64 > RELATIVE_TOLERANCE:
         raise ChainError(
-            f"{what} differs by {error:.3g} of the largest output value in float32 and by "
+            f"{label} differs by {error:.3g} of the largest output value in float32 and by "
             f"{error_float64:.3g} in float64 (tolerance {RELATIVE_TOLERANCE:g})"
         )
     result.notes.append(
-        f"{what} differs by {error:.3g} of the largest output value in float32 and by "
+        f"{label} differs by {error:.3g} of the largest output value in float32 and by "
         f"{error_float64:.3g} in float64"
     )
 
@@ -470,7 +470,7 @@ def _converted_to_float64(reference: nn.Module, module: nn.Module):
 
 
 def _largest_error(
-    reference: nn.Module, module: nn.Module, example_input: torch.Tensor, what: str
+    reference: nn.Module, module: nn.Module, example_input: torch.Tensor, label: str
 ) -> float:
     """Returns the largest relative error over the outputs of ``module`` against ``reference``."""
     expected = _run(reference, example_input, training=False)
@@ -479,7 +479,7 @@ def _largest_error(
         expected = _run(reference, example_input, training=True)
         actual = _run(module, example_input, training=True)
     if len(expected) != len(actual):
-        raise ChainError(f"{what} returns {len(actual)} tensors, the reference {len(expected)}")
+        raise ChainError(f"{label} returns {len(actual)} tensors, the reference {len(expected)}")
     errors = [relative_error(want, got) for want, got in zip(expected, actual, strict=True)]
     return max(errors, default=0.0)
 

@@ -107,17 +107,14 @@ class MixedSum(nn.Module):
         self.terms = tuple(terms)
         self._mixed_edges = dict(mixed_edges)
         # The input that starts the sum: one with a coefficient of exactly 1 where possible.
-        self.first = next(
-            (index for index, term in enumerate(self.terms) if _is_one(term)),
-            0,
-        )
+        first = next((index for index, term in enumerate(self.terms) if _is_one(term)), 0)
+        self.order = (first, *(index for index in range(len(self.terms)) if index != first))
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         if len(tensors) != len(self.terms):
             raise ValueError(f"expected {len(self.terms)} inputs, got {len(tensors)}")
-        order = [self.first] + [index for index in range(len(tensors)) if index != self.first]
         arguments = []
-        for index in order:
+        for index in self.order:
             arguments += [tensors[index], self._coefficient(self.terms[index])]
         if _records_graph(tensors[0]):
             return _ScaledSum.apply(*arguments)

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 
 import torch
 import torch.fx
 from torch import nn
 
+from fxadapt.passes.nodes import IN_PLACE_ADDS, add_operands, module_call_counts
 from fxadapt.tracing import node_info
 
 __all__ = ["THETA_SCALE", "fold_theta_scales"]
@@ -61,10 +61,7 @@ def fold_theta_scales(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     """
     result = copy.deepcopy(graph_module)
     graph = result.graph
-    target_to_calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            target_to_calls[node.target] = target_to_calls.get(node.target, 0) + 1
+    target_to_calls = module_call_counts(graph)
 
     folded = 0
     for node in list(graph.nodes):
@@ -130,7 +127,7 @@ def _fold_into_merge(scaled: torch.fx.Node) -> bool:
     if len(scaled.users) != 1:
         return False
     merge = next(iter(scaled.users))
-    operands = _add_operands(merge)
+    operands = add_operands(merge)
     if operands is None or operands.count(scaled) != 1:
         return False
     value, scale = scaled.args
@@ -139,7 +136,7 @@ def _fold_into_merge(scaled: torch.fx.Node) -> bool:
     if _shape(other) is None or _shape(other) != _shape(merge):
         # Only a tensor of the sum's own shape may become the first operand of torch.add.
         return False
-    in_place = merge.target in (operator.iadd, "add_")
+    in_place = merge.target in IN_PLACE_ADDS
     if in_place and position == 1:
         # ``other += c * v`` must still write into ``other``, which later nodes may read.
         merge.op, merge.target = "call_method", "add_"
@@ -149,20 +146,6 @@ def _fold_into_merge(scaled: torch.fx.Node) -> bool:
     merge.args = (other, value)
     merge.kwargs = {"alpha": scale}
     return True
-
-
-def _add_operands(node: torch.fx.Node) -> list | None:
-    """Returns the two operands of an add without ``alpha``, or None for any other node."""
-    if node.op == "call_function":
-        is_add = node.target in (operator.add, operator.iadd, torch.add)
-    else:
-        is_add = node.op == "call_method" and node.target in ("add", "add_")
-    if not is_add or set(node.kwargs) - {"other"}:
-        return None
-    operands = [*node.args, *node.kwargs.values()]
-    if len(operands) != 2 or not all(isinstance(operand, torch.fx.Node) for operand in operands):
-        return None
-    return operands
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 
 import torch
 import torch.fx
@@ -39,6 +38,7 @@ from torch import nn
 from fxadapt.fused import NORM_TYPES, MixedSum, ScaledBatchNorm, Term
 from fxadapt.mixed import MixedEdge
 from fxadapt.passes.insert import MIXED_ROOT
+from fxadapt.passes.nodes import IN_PLACE_ADDS, add_operands, tensor_type
 from fxadapt.tracing import node_info
 
 __all__ = ["FUSED_ROOT", "fuse_mixed_edges"]
@@ -105,7 +105,7 @@ class _Fuser:
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
-            if node.graph is self.graph and _add_operands(node) is not None:
+            if node.graph is self.graph and node.target not in IN_PLACE_ADDS and add_operands(node):
                 self._fuse_merge(node)
         for node in list(self.graph.nodes):
             if self._mixed_edge(node) is not None:
@@ -117,7 +117,7 @@ class _Fuser:
         return self.mixed_root[node.target.split(".", 1)[1]]
 
     def _fuse_merge(self, merge: torch.fx.Node) -> None:
-        operands = _add_operands(merge)
+        operands = add_operands(merge)
         mixed_operands = [
             operand
             for operand in operands
@@ -126,21 +126,20 @@ class _Fuser:
         if not mixed_operands or len(set(operands)) != len(operands):
             return
         terms: list[tuple[torch.fx.Node, Term]] = []
+        norms = []
         for operand in operands:
             if operand in mixed_operands:
-                terms += self._edge_terms(operand, dry_run=True)
+                edge_terms, edge_norms = self._edge_terms(operand)
+                terms += edge_terms
+                norms += edge_norms
             else:
                 terms.append((operand, Term(1.0)))
-        shape = _shape(merge)
-        if shape is None or any(_shape(node) != shape for node, _ in terms):
+        merge_type = tensor_type(merge)
+        if merge_type is None or any(tensor_type(node) != merge_type for node, _ in terms):
             return
 
-        terms = []
-        for operand in operands:
-            if operand in mixed_operands:
-                terms += self._edge_terms(operand)
-            else:
-                terms.append((operand, Term(1.0)))
+        for mixed_node in norms:
+            self._scale_norm(mixed_node)
         self._replace_with_sum(merge, terms)
         for operand in mixed_operands:
             self.graph.erase_node(operand)
@@ -150,7 +149,9 @@ class _Fuser:
         """Fuses a mixed edge whose output goes elsewhere than into one add."""
         if not self._scalable_norm(mixed_node):
             return
-        terms = self._edge_terms(mixed_node)
+        terms, norms = self._edge_terms(mixed_node)
+        for node in norms:
+            self._scale_norm(node)
         if len(terms) == 1:
             # theta_same is in the BatchNorm now, and the edge has no other option.
             mixed_node.replace_all_uses_with(terms[0][0])
@@ -158,22 +159,26 @@ class _Fuser:
         else:
             self._replace_with_sum(mixed_node, terms)
 
-    def _edge_terms(self, mixed_node, dry_run: bool = False) -> list[tuple[torch.fx.Node, Term]]:
-        """Returns the terms of one mixed edge, and scales its BatchNorm unless ``dry_run``."""
+    def _edge_terms(self, mixed_node) -> tuple[list[tuple[torch.fx.Node, Term]], list]:
+        """Returns the terms of one mixed edge and the mixed nodes whose BatchNorm to scale.
+
+        A term on a BatchNorm output assumes that ``_scale_norm`` is called for its mixed node
+        before the terms are used. Nothing in the graph changes here.
+        """
         mixed = self._mixed_edge(mixed_node)
         group = mixed_node.target.split(".", 1)[1]
         entry, out = mixed_node.args
         terms = []
+        norms = []
         if mixed.has_same:
             if self._scalable_norm(mixed_node):
-                if not dry_run:
-                    self._scale_norm(out, mixed, group)
+                norms.append(mixed_node)
                 terms.append((out, Term(1.0)))
             else:
                 terms.append((out, Term(0.0, ((group, "same"),))))
         if mixed.has_identity:
             terms.append((entry, Term(0.0, ((group, "identity"),))))
-        return terms
+        return terms, norms
 
     def _scalable_norm(self, mixed_node: torch.fx.Node) -> bool:
         mixed = self._mixed_edge(mixed_node)
@@ -185,7 +190,10 @@ class _Fuser:
         norm = _attribute(self.wrapped, out.target)
         return type(norm) in NORM_TYPES and norm.affine
 
-    def _scale_norm(self, out: torch.fx.Node, mixed: MixedEdge, group: str) -> None:
+    def _scale_norm(self, mixed_node: torch.fx.Node) -> None:
+        """Points the BatchNorm call that feeds ``mixed_node`` at a ScaledBatchNorm."""
+        mixed = self._mixed_edge(mixed_node)
+        out = mixed_node.args[1]
         target = f"{FUSED_ROOT}.norm_{len(self.new_modules)}"
         self.new_modules[target] = ScaledBatchNorm(_attribute(self.wrapped, out.target), mixed)
         out.target = target
@@ -206,23 +214,3 @@ class _Fuser:
 
 def _is_fused_target(target: str) -> bool:
     return target.startswith(f"{FUSED_ROOT}.")
-
-
-def _add_operands(node: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """Returns the two tensor operands of an out-of-place add, or None for any other node."""
-    if node.op == "call_function":
-        is_add = node.target in (operator.add, torch.add)
-    else:
-        is_add = node.op == "call_method" and node.target == "add"
-    if not is_add or node.kwargs:
-        return None
-    if len(node.args) != 2 or not all(isinstance(arg, torch.fx.Node) for arg in node.args):
-        return None
-    return list(node.args)
-
-
-def _shape(node: torch.fx.Node) -> tuple | None:
-    tensor_meta = node.meta.get("tensor_meta")
-    if not hasattr(tensor_meta, "shape"):
-        return None
-    return (tuple(tensor_meta.shape), tensor_meta.dtype)

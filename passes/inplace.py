@@ -32,6 +32,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxadapt.passes.nodes import module_call_counts, tensor_type
+
 __all__ = ["use_inplace_operations"]
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,7 @@ def use_inplace_operations(graph_module: torch.fx.GraphModule) -> torch.fx.Graph
     """
     result = copy.deepcopy(graph_module)
     graph = result.graph
-    target_to_calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            target_to_calls[node.target] = target_to_calls.get(node.target, 0) + 1
+    target_to_calls = module_call_counts(graph)
 
     adds = relus = 0
     for node in list(graph.nodes):
@@ -90,7 +89,7 @@ def _add_into_batchnorm(graph_module, node: torch.fx.Node, target_to_calls) -> b
     if not isinstance(graph_module.get_submodule(first.target), nn.modules.batchnorm._BatchNorm):
         return False
     # Only an operand of the sum's own shape and type can take the sum.
-    if _tensor_type(first) is None or _tensor_type(first) != _tensor_type(node):
+    if tensor_type(first) is None or tensor_type(first) != tensor_type(node):
         return False
     node.op, node.target = "call_method", "add_"
     return True
@@ -102,10 +101,3 @@ def _is_new_tensor(graph_module, node: torch.fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _NEW_TENSOR_FUNCTIONS
     return node.op == "call_method" and node.target in _NEW_TENSOR_METHODS
-
-
-def _tensor_type(node: torch.fx.Node):
-    tensor_meta = node.meta.get("tensor_meta")
-    if not hasattr(tensor_meta, "shape"):
-        return None
-    return tuple(tensor_meta.shape), tensor_meta.dtype

@@ -63,7 +63,7 @@ def test_in_place_gradients_equal_original():
         assert torch.allclose(parameter.grad, reference_gradients[name].grad, atol=1e-6), name
 
 
-def test_relu_of_a_shared_tensor_stays_out_of_place(example_input):
+def test_shared_tensor_relu_stays_out_of_place(example_input):
     class TwoReaders(nn.Module):
         def __init__(self):
             super().__init__()
