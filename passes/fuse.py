@@ -22,6 +22,10 @@ After (4 passes over the block's output become 1)::
     x ──o──▶ ScaledBatchNorm(bn, theta_same[e0]) ──▶ MixedSum ◀── x
                                   coefficients (1, theta_identity[e0] + theta_same[e1])
 
+Last, the ReLUs of the fused graph work in place where their input is a new tensor that
+nothing else reads, as the derived module's do (``fxadapt.passes.inplace``). Neither
+``ScaledBatchNorm`` nor ``MixedSum`` reads its output in the backward pass.
+
 Mixed edges that match neither pattern (an in-place add, an add with ``alpha``, an edge read
 by several nodes, operands of different shapes) stay as they are.
 """
@@ -37,6 +41,7 @@ from torch import nn
 
 from fxadapt.fused import NORM_TYPES, MixedSum, ScaledBatchNorm, Term
 from fxadapt.mixed import MixedEdge
+from fxadapt.passes.inplace import rewrite_inplace
 from fxadapt.passes.insert import MIXED_ROOT
 from fxadapt.passes.nodes import IN_PLACE_ADDS, add_operands, tensor_type
 from fxadapt.tracing import node_info
@@ -82,6 +87,8 @@ def fuse_mixed_edges(wrapped: torch.fx.GraphModule) -> torch.fx.GraphModule:
     # by name and optimizers built on either module see the same parameters.
     fused.add_module(MIXED_ROOT, mixed_root)
     fused.train(wrapped.training)
+    rewrite_inplace(fused)
+    fused.recompile()
     logger.debug("fused %d merges and %d BatchNorm layers", fuser.merges_fused, fuser.norms_scaled)
     return fused
 

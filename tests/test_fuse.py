@@ -129,6 +129,23 @@ def test_resnet_merges_become_one_sum_each():
     assert not any(target.endswith(".bn2") for target in targets)
 
 
+def test_fused_relus_work_in_place():
+    wrapped, twin, fused = _pair("ResNet20", {})
+    functions = [node.target for node in fused.graph.nodes if node.op == "call_function"]
+    relu_modules = [
+        node.target
+        for node in twin.graph.nodes
+        if node.op == "call_module" and isinstance(twin.get_submodule(node.target), nn.ReLU)
+    ]
+
+    # ResNet8 has a stem ReLU and two per block, each after a BatchNorm or a fused sum.
+    assert functions.count(torch.relu_) == 7
+    assert torch.relu not in functions
+    # The wrapped module, which derivation and checkpoints read, keeps its ReLU modules.
+    assert len(relu_modules) == 7
+    assert all(isinstance(twin.get_submodule(target), nn.ReLU) for target in relu_modules)
+
+
 def test_fused_shares_parameters_and_theta():
     wrapped, twin, fused = _pair("ResNet20", {})
     twin_parameters = {id(parameter) for parameter in twin.parameters()}
