@@ -87,6 +87,11 @@ class Term:
     constant: float
     thetas: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def is_one(self) -> bool:
+        """Whether the coefficient is exactly 1, with no theta."""
+        return not self.thetas and self.constant == 1.0
+
 
 class MixedSum(nn.Module):
     """Computes ``sum_k c_k * t_k`` over its inputs, each ``c_k`` given by a :class:`Term`.
@@ -98,17 +103,26 @@ class MixedSum(nn.Module):
     Args:
         terms: one term per input, in input order.
         mixed_edges: theta group name to its mixed edge; kept without registering them.
+        in_place: add the other terms into the input that starts the sum, as ``add_`` does,
+            instead of into a new tensor. Only for an input with a coefficient of exactly 1
+            that nothing else reads and whose own backward pass does not read it, such as
+            the output of a BatchNorm layer.
     """
 
-    def __init__(self, terms: list[Term], mixed_edges: dict[str, MixedEdge]):
+    def __init__(
+        self, terms: list[Term], mixed_edges: dict[str, MixedEdge], in_place: bool = False
+    ):
         super().__init__()
         if not terms:
             raise ValueError("a mixed sum needs at least one term")
         self.terms = tuple(terms)
         self._mixed_edges = dict(mixed_edges)
         # The input that starts the sum: one with a coefficient of exactly 1 where possible.
-        first = next((index for index, term in enumerate(self.terms) if _is_one(term)), 0)
+        first = next((index for index, term in enumerate(self.terms) if term.is_one), 0)
         self.order = (first, *(index for index in range(len(self.terms)) if index != first))
+        if in_place and (len(self.terms) < 2 or not self.terms[first].is_one):
+            raise ValueError("an in-place sum needs two terms or more, one with coefficient 1")
+        self.in_place = in_place
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         if len(tensors) != len(self.terms):
@@ -117,8 +131,8 @@ class MixedSum(nn.Module):
         for index in self.order:
             arguments += [tensors[index], self._coefficient(self.terms[index])]
         if _records_graph(tensors[0]):
-            return _ScaledSum.apply(*arguments)
-        return _scaled_sum(*arguments)
+            return _ScaledSum.apply(self.in_place, *arguments)
+        return _scaled_sum(self.in_place, *arguments)
 
     def _coefficient(self, term: Term) -> torch.Tensor | float | None:
         """Returns the coefficient as a tensor with theta, a number, or None for exactly 1."""
@@ -137,21 +151,22 @@ class MixedSum(nn.Module):
             if term.constant or not names:
                 names.append(f"{term.constant:g}")
             parts.append(" + ".join(names))
-        return ", ".join(f"({part})" for part in parts)
+        text = ", ".join(f"({part})" for part in parts)
+        return f"{text}, in_place=True" if self.in_place else text
 
 
-def _is_one(term: Term) -> bool:
-    return not term.thetas and term.constant == 1.0
-
-
-def _scaled_sum(*arguments):
+def _scaled_sum(in_place: bool, *arguments):
     """Returns ``sum_k c_k * t_k`` for arguments ``t_0, c_0, t_1, c_1, ...``.
 
     A coefficient is a tensor, a number, or None for exactly 1. The first operation makes
-    the new tensor, and the others add into it in place.
+    the new tensor, and the others add into it in place. With ``in_place`` the first
+    tensor, whose coefficient is 1, is the result.
     """
     first, coefficient = arguments[0], arguments[1]
-    result = None if coefficient is None else first * coefficient
+    if in_place:
+        result = first
+    else:
+        result = None if coefficient is None else first * coefficient
     for index in range(2, len(arguments), 2):
         tensor, coefficient = arguments[index], arguments[index + 1]
         if result is None:
@@ -185,7 +200,7 @@ class _ScaledSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *arguments):
+    def forward(ctx, in_place, *arguments):
         tensors = arguments[0::2]
         coefficients = arguments[1::2]
         ctx.coefficients = [
@@ -194,23 +209,26 @@ class _ScaledSum(torch.autograd.Function):
         ]
         saved = []
         for index, (tensor, coefficient) in enumerate(zip(tensors, coefficients, strict=True)):
-            needs_coefficient_grad = ctx.needs_input_grad[2 * index + 1]
-            needs_tensor_grad = ctx.needs_input_grad[2 * index]
+            # needs_input_grad starts with the in_place flag.
+            needs_tensor_grad = ctx.needs_input_grad[1 + 2 * index]
+            needs_coefficient_grad = ctx.needs_input_grad[2 + 2 * index]
             saved.append(tensor if needs_coefficient_grad else None)
             saved.append(
                 coefficient if isinstance(coefficient, torch.Tensor) and needs_tensor_grad else None
             )
         ctx.save_for_backward(*saved)
-        return _scaled_sum(*arguments)
+        if in_place:
+            ctx.mark_dirty(tensors[0])
+        return _scaled_sum(in_place, *arguments)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        gradients = []
+        gradients = [None]
         for index, number in enumerate(ctx.coefficients):
             tensor, coefficient = saved[2 * index], saved[2 * index + 1]
-            if not ctx.needs_input_grad[2 * index]:
+            if not ctx.needs_input_grad[1 + 2 * index]:
                 gradients.append(None)
             elif coefficient is not None:
                 gradients.append(grad * coefficient)
@@ -218,7 +236,7 @@ class _ScaledSum(torch.autograd.Function):
                 gradients.append(grad)
             else:
                 gradients.append(grad * number)
-            if ctx.needs_input_grad[2 * index + 1]:
+            if ctx.needs_input_grad[2 + 2 * index]:
                 gradients.append(_inner_product(grad, tensor).reshape(()))
             else:
                 gradients.append(None)

@@ -11,7 +11,9 @@ Two rewrites, each applied where it is exact:
   ``theta_same`` into that BatchNorm's weight and bias (``ScaledBatchNorm``).
 - An add whose operands include mixed edges read by this add alone becomes one
   ``MixedSum`` of every tensor involved. Terms on the same tensor, such as an edge's
-  identity option and a shortcut from the same NAS node, share one coefficient.
+  identity option and a shortcut from the same NAS node, share one coefficient. Where the
+  term with coefficient 1 is the output of a ``ScaledBatchNorm``, the sum adds into it in
+  place, as the derived module's ``add_`` does.
 
 Before, for a ResNet block whose branch ``o`` ends in BatchNorm ``bn``::
 
@@ -20,7 +22,8 @@ Before, for a ResNet block whose branch ``o`` ends in BatchNorm ``bn``::
 After (4 passes over the block's output become 1)::
 
     x ──o──▶ ScaledBatchNorm(bn, theta_same[e0]) ──▶ MixedSum ◀── x
-                                  coefficients (1, theta_identity[e0] + theta_same[e1])
+                                  coefficients (1, theta_identity[e0] + theta_same[e1]),
+                                  added into the ScaledBatchNorm's output
 
 Last, the ReLUs of the fused graph work in place where their input is a new tensor that
 nothing else reads, as the derived module's do (``fxadapt.passes.inplace``). Neither
@@ -206,6 +209,11 @@ class _Fuser:
         out.target = target
         self.norms_scaled += 1
 
+    def _is_scaled_norm(self, node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(
+            self.new_modules.get(node.target), ScaledBatchNorm
+        )
+
     def _replace_with_sum(self, node: torch.fx.Node, terms) -> None:
         node_to_term: dict[torch.fx.Node, Term] = {}
         for value, term in terms:
@@ -213,8 +221,14 @@ class _Fuser:
                 previous = node_to_term[value]
                 term = Term(previous.constant + term.constant, previous.thetas + term.thetas)
             node_to_term[value] = term
+        # The sum may add into the first term's tensor when that is a scaled BatchNorm's
+        # output: the fused edge was its only reader, and BatchNorm's backward never reads it.
+        first = next((value for value, term in node_to_term.items() if term.is_one), None)
+        in_place = len(node_to_term) > 1 and first is not None and self._is_scaled_norm(first)
         target = f"{FUSED_ROOT}.sum_{len(self.new_modules)}"
-        self.new_modules[target] = MixedSum(list(node_to_term.values()), self.mixed_root)
+        self.new_modules[target] = MixedSum(
+            list(node_to_term.values()), self.mixed_root, in_place=in_place
+        )
         node.op, node.target = "call_module", target
         node.args, node.kwargs = tuple(node_to_term), {}
 

@@ -240,3 +240,46 @@ def test_scaled_norm_rejects_other_layers():
 
     with pytest.raises(ValueError, match="affine torch BatchNorm"):
         ScaledBatchNorm(nn.BatchNorm2d(3, affine=False), MixedEdge(("same", "none")))
+
+
+def test_in_place_sum_passes_gradcheck():
+    edges = {"a": MixedEdge(("same", "identity", "none")), "b": MixedEdge(("same", "none"))}
+    edges = {name: edge.double() for name, edge in edges.items()}
+    with torch.no_grad():
+        edges["a"].theta_identity.fill_(0.3)
+        edges["b"].theta_same.fill_(-0.7)
+    terms = [Term(0.0, (("a", "identity"), ("b", "same"))), Term(1.0), Term(0.5, (("a", "same"),))]
+    mixed_sum = MixedSum(terms, edges, in_place=True)
+    tensors = [torch.randn(2, 3, dtype=torch.double, requires_grad=True) for _ in terms]
+    thetas = [edges["a"].theta_same, edges["a"].theta_identity, edges["b"].theta_same]
+
+    def function(*inputs):
+        first, second, third = inputs[: len(terms)]
+        # The sum writes into its second input, so it must not be a leaf.
+        return mixed_sum(first, second * 1.0, third)
+
+    assert torch.autograd.gradcheck(function, (*tensors, *thetas))
+
+
+def test_in_place_sum_writes_into_its_input():
+    edges = {"a": MixedEdge(("same", "identity"))}
+    with torch.no_grad():
+        edges["a"].theta_identity.fill_(-2.0)
+    first = torch.randn(5, 4)
+    second = torch.randn(5, 4)
+    expected = first + -2.0 * second
+    mixed_sum = MixedSum([Term(1.0), Term(0.0, (("a", "identity"),))], edges, in_place=True)
+
+    result = mixed_sum(first, second)
+
+    assert result.data_ptr() == first.data_ptr()
+    assert torch.allclose(result, expected)
+
+
+def test_in_place_sum_needs_a_term_of_one():
+    edges = {"a": MixedEdge(("same", "identity"))}
+
+    with pytest.raises(ValueError, match="one with coefficient 1"):
+        MixedSum([Term(0.0, (("a", "same"),)), Term(2.0)], edges, in_place=True)
+    with pytest.raises(ValueError, match="two terms or more"):
+        MixedSum([Term(1.0)], edges, in_place=True)
