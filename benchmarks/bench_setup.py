@@ -11,8 +11,8 @@ stage and what it derives.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
+import logging
 import os
 import platform
 import time
@@ -23,6 +23,7 @@ from torch import nn
 
 import fxadapt
 from fxadapt.accel import AutocastObjective, device_loaders, to_channels_last
+from fxadapt.allocator import keep_freed_memory
 from fxadapt.data import DATASETS, DataBundle, load_data, make_loaders
 from fxadapt.loading import build_model, load_model_class
 from fxadapt.objectives import Supervised
@@ -39,12 +40,14 @@ __all__ = [
     "environment",
     "example_batch",
     "fraction_of_epochs",
-    "keep_freed_memory",
+    "set_malloc",
     "load_bundle",
     "new_model",
     "read_clocks",
     "set_threads",
 ]
+
+logger = logging.getLogger(__name__)
 
 CLOCKS = ("wall", "cpu")
 
@@ -155,6 +158,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     machine.add_argument(
         "--bf16", action="store_true", help="CUDA only: run forward passes under bf16 autocast"
     )
+    machine.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make glibc's malloc keep freed memory in the process, as fxadapt train does "
+        "(default on; --no-keep-freed-memory measures with glibc's defaults)",
+    )
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
@@ -174,34 +184,21 @@ def check_common_arguments(parser: argparse.ArgumentParser, arguments: argparse.
         parser.error(f"--device {arguments.device}: CUDA is not available here")
 
 
+def set_malloc(arguments: argparse.Namespace) -> bool:
+    """Applies ``--keep-freed-memory`` and returns whether freed memory stays in the process."""
+    if not arguments.keep_freed_memory:
+        return False
+    if keep_freed_memory():
+        return True
+    logger.warning("this C library is not glibc: the benchmark runs with its malloc as it is")
+    return False
+
+
 def set_threads(threads: int | None) -> int:
     """Sets torch's intra-op threads when ``threads`` is given and returns the count in use."""
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    By default glibc serves large blocks with mmap and trims the top of its heap when much
-    of it is free, so every training step faults its activations in again, page by page.
-    That costs more the more tensors a step allocates. Serving blocks up to 32 MiB from the
-    heap (the largest mmap threshold glibc accepts on 64-bit systems) and never trimming
-    removes those page faults.
-
-    Returns:
-        False where the C library is not glibc or rejects the settings.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    # Parameter numbers of mallopt, from glibc's malloc.h.
-    trim_threshold, mmap_threshold = -1, -3
-    return bool(
-        libc.mallopt(mmap_threshold, 32 * 2**20) and libc.mallopt(trim_threshold, 2**31 - 1)
-    )
 
 
 def load_bundle(arguments: argparse.Namespace, test_limit: int | None) -> DataBundle:
@@ -296,9 +293,10 @@ def build_trainer(
     return trainer, clock
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, kept_freed_memory: bool) -> dict:
     """Returns what a reader needs to know about the machine that measured."""
     info = {
+        "malloc": "glibc, keeping freed memory" if kept_freed_memory else "defaults",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

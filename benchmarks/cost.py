@@ -44,9 +44,9 @@ from bench_setup import (
     add_common_arguments,
     check_common_arguments,
     environment,
-    keep_freed_memory,
     load_bundle,
     new_model,
+    set_malloc,
     set_threads,
 )
 from cost_runs import MEMORY_VARIANTS, memory_probe, plan_runs, run_interleaved, run_memory_probes
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     check_common_arguments(parser, arguments)
     _check_arguments(parser, arguments)
-    if arguments.keep_freed_memory and not keep_freed_memory():
-        parser.error("--keep-freed-memory needs glibc's malloc, which this system lacks")
+    kept_freed_memory = set_malloc(arguments)
     threads = set_threads(arguments.threads)
     bundle = load_bundle(arguments, test_limit=arguments.test_limit)
     if arguments.memory_probe:
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    results = {"config": vars(arguments), "environment": environment(threads)}
+    results = {"config": vars(arguments), "environment": environment(threads, kept_freed_memory)}
     results["forward"] = _measure_forward(arguments, bundle)
     results["memory"] = _measure_memory(argv, arguments)
     plans = plan_runs(arguments.epochs, arguments.arch_update)
@@ -160,11 +159,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     measure.add_argument(
         "--memory-repeats", type=int, default=2, help="memory probes per variant (default 2)"
-    )
-    measure.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="make glibc's malloc keep freed memory instead of returning it (Linux)",
     )
     measure.add_argument(
         "--clock",
@@ -340,8 +334,8 @@ def markdown_table(ratios: dict[str, float], results: dict, arguments) -> str:
         f"Model {arguments.model}, {arguments.data}, {arguments.train_limit or 'all'} train "
         f"images, {arguments.epochs} epochs, batch {arguments.batch_size}, "
         f"{results['environment']['torch_threads']} torch threads, {arguments.device}, "
-        f"clock {arguments.clock}, {arguments.repeats} repeat(s), glibc malloc "
-        f"{'keeping freed memory' if arguments.keep_freed_memory else 'with its defaults'}.",
+        f"clock {arguments.clock}, {arguments.repeats} repeat(s), malloc "
+        f"{results['environment']['malloc']}.",
         "",
         "| Ratio | Measured | Target | Within target | What it compares |",
         "|---|---|---|---|---|",

@@ -36,6 +36,7 @@ from bench_setup import (
     fraction_of_epochs,
     load_bundle,
     read_clocks,
+    set_malloc,
     set_threads,
 )
 
@@ -77,6 +78,7 @@ def _run_study(parser: argparse.ArgumentParser, arguments: argparse.Namespace, o
         arch_epochs = fraction_of_epochs(arguments.epochs, 0.5)
     if not 1 <= arch_epochs <= arguments.epochs:
         parser.error(f"--arch-epochs must be between 1 and --epochs {arguments.epochs}")
+    kept_freed_memory = set_malloc(arguments)
     threads = set_threads(arguments.threads)
 
     bundle = load_bundle(arguments, test_limit=None)
@@ -86,7 +88,7 @@ def _run_study(parser: argparse.ArgumentParser, arguments: argparse.Namespace, o
 
     results = {
         "config": {**vars(arguments), "arch_epochs": arch_epochs},
-        "environment": environment(threads),
+        "environment": environment(threads, kept_freed_memory),
         "runs": [],
     }
     for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):

@@ -29,6 +29,18 @@ class TwoBranch(nn.Module):
         return self.head(out.mean(dim=(2, 3)))
 
 
+@pytest.fixture(autouse=True)
+def _default_malloc(monkeypatch):
+    """Keeps glibc's malloc defaults in the test process, which runs many trainings.
+
+    ``fxadapt train`` changes them for the rest of its process. tests/test_allocator.py
+    checks that call in processes of its own.
+    """
+    import fxadapt.cli
+
+    monkeypatch.setattr(fxadapt.cli, "keep_freed_memory", lambda: False)
+
+
 @pytest.fixture
 def example_input():
     return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
