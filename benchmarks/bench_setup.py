@@ -128,8 +128,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--cache-dir", help="folder for decoded image trees (default ~/.cache)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=10, help="epochs of every run")
-    training.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    training.add_argument("--epochs", type=int, default=10, help="epochs of every run (default 10)")
+    training.add_argument(
+        "--batch-size", type=int, default=128, help="images per batch (default 128)"
+    )
     training.add_argument(
         "--arch-update",
         default="alternate",

@@ -136,17 +136,26 @@ def _parser() -> argparse.ArgumentParser:
 
     measure = parser.add_argument_group("measurement")
     measure.add_argument(
-        "--test-limit", type=int, default=1000, help="test images evaluated per epoch"
+        "--test-limit",
+        type=int,
+        default=1000,
+        help="test images evaluated per epoch (default 1000)",
     )
     measure.add_argument("--seed", type=int, default=0, help="seed of weights and batch order")
     measure.add_argument(
         "--repeats", type=int, default=1, help="times every training run is repeated (default 1)"
     )
     measure.add_argument(
-        "--forward-rounds", type=int, default=20, help="rounds of the forward comparison"
+        "--forward-rounds",
+        type=int,
+        default=20,
+        help="rounds of the forward comparison (default 20)",
     )
     measure.add_argument(
-        "--latency-rounds", type=int, default=7, help="rounds of each latency comparison"
+        "--latency-rounds",
+        type=int,
+        default=7,
+        help="rounds of each latency comparison (default 7)",
     )
     measure.add_argument(
         "--latency-min-time",

@@ -14,7 +14,6 @@ import time
 import torch
 from bench_setup import Reading, read_clocks
 from torch import nn
-from torch.utils import benchmark
 
 from fxadapt.costs import count_flops, count_parameters
 
@@ -110,6 +109,9 @@ def compare_size(original: nn.Module, derived: nn.Module, example: torch.Tensor)
 def _latency(module: nn.Module, batch: torch.Tensor, min_run_time: float, clock: str) -> float:
     # The default timer is the wall clock, and on CUDA the only one the benchmark timer allows.
     timer_option = {"timer": time.process_time} if clock == "cpu" else {}
+    # Imported here: torch's benchmark package logs a CUDA warning on import on CPU machines.
+    from torch.utils import benchmark
+
     timer = benchmark.Timer(
         stmt="module(batch)",
         globals={"module": module, "batch": batch},

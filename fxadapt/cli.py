@@ -36,7 +36,11 @@ stderr = Console(stderr=True)
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line and returns its exit status."""
     parser = build_parser()
-    arguments = parser.parse_args(argv)
+    arguments, extras = parser.parse_known_args(argv)
+    if extras:
+        # Name the command whose options were wrong, not the top-level parser.
+        command_parser = parser.command_parsers[arguments.command]
+        command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     _configure_logging(arguments.verbose, arguments.debug)
     try:
         arguments.handler(arguments)
@@ -51,9 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as the other errors of the CLI are."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``fxadapt`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fxadapt",
         description="Adapt the architecture of a PyTorch network while it trains.",
     )
@@ -61,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     common.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     parser.set_defaults(debug=False, verbose=False)
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        title="commands", required=True, metavar="COMMAND", dest="command"
+    )
+    parser.command_parsers = commands.choices
 
     wrap = commands.add_parser(
         "wrap", parents=[common], help="list a model's edges and draw its supernet"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 
 import torch
 from torch import nn
@@ -47,20 +48,33 @@ def compare_costs(
     example_input: torch.Tensor,
     *,
     latency: bool = True,
+    rounds: int = 3,
 ) -> dict[str, dict[str, float]]:
     """Returns module name to its parameters, FLOPs and (optionally) latency in milliseconds.
 
-    FLOPs and latency are per forward of ``example_input``.
+    FLOPs and latency are per forward of ``example_input``. Latency is the median over
+    ``rounds`` rounds that time every module once, in reversed order every other round, so
+    that a change in the machine's load touches all modules alike. It is still a time on
+    this machine at its load of the moment: compare modules within one table, not across
+    runs.
     """
-    result = {}
-    for name, module in name_to_module.items():
-        costs = {
+    result = {
+        name: {
             "parameters": count_parameters(module),
             "flops": count_flops(module, example_input),
         }
-        if latency:
-            costs["latency_ms"] = 1000 * measure_latency(module, example_input)
-        result[name] = costs
+        for name, module in name_to_module.items()
+    }
+    if latency:
+        names = list(name_to_module)
+        seconds = {name: [] for name in names}
+        for round_index in range(rounds):
+            for name in names if round_index % 2 == 0 else reversed(names):
+                module = name_to_module[name]
+                seconds[name].append(measure_latency(module, example_input, min_run_time=0.1))
+        for name in names:
+            result[name]["latency_ms"] = 1000 * statistics.median(seconds[name])
+    for name, costs in result.items():
         logger.debug("costs of %s: %s", name, costs)
     return result
 

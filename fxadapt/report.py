@@ -132,9 +132,21 @@ def edge_table_view(table: EdgeTable, title: str = "Edges") -> Table:
     return view
 
 
+# The latency column's caution, under the cost table of the console and of report.md.
+LATENCY_CAPTION = (
+    "Latency: median of 3 alternating rounds on this machine under its load at the time; "
+    "compare the rows with each other, not with other runs."
+)
+
+
 def cost_table_view(costs: dict[str, dict[str, float]]) -> Table:
     """Returns a rich table of parameters, FLOPs and latency per module."""
-    view = Table(title="Costs (batch of 1)", title_justify="left")
+    view = Table(
+        title="Costs (batch of 1)",
+        title_justify="left",
+        caption=LATENCY_CAPTION,
+        caption_justify="left",
+    )
     for column in ("module", "parameters", "MFLOPs", "latency (ms)"):
         view.add_column(column, justify="left" if column == "module" else "right")
     for name, values in costs.items():
@@ -203,6 +215,7 @@ def _markdown(report: dict) -> str:
             f"| {name} | {int(values['parameters']):,} | {values['flops'] / 1e6:.2f} | "
             f"{'-' if latency is None else f'{latency:.2f}'} |"
         )
+    lines += ["", LATENCY_CAPTION]
     lines += ["", "## Edges", "", "| " + " | ".join(_EDGE_COLUMNS) + " |"]
     lines.append("|" + "---|" * len(_EDGE_COLUMNS))
     for row in report["edges"]:

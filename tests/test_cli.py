@@ -155,6 +155,25 @@ def test_bad_input_gives_one_line(arguments, message, capsys, tmp_path):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["train", RESNET20, "--bogus"], "unrecognized arguments: --bogus (see fxadapt train"),
+        (["train", RESNET20, "--epochs", "x"], "invalid int value: 'x' (see fxadapt train"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_bad_option_gives_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    assert stopped.value.code == 2
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+
+
 def test_wrong_data_layout_is_named(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     status, _, stderr = _run(
