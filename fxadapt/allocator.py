@@ -6,9 +6,9 @@ and it trims the top of its heap whenever much of it is free. The next step then
 activations in again, page by page, and zeroes every page. How many faults a step takes
 depends on the order of its allocations. In fxadapt's measurements of ResNet20 at batch 128
 on one thread, keeping freed memory made a plain epoch 2 to 5 % faster and an alternating
-architecture epoch 4 to 11 % faster. :func:`keep_freed_memory` sets glibc's ``mallopt`` so that freed memory stays in the process
-for the next step. Preloading another allocator, such as jemalloc or tcmalloc, is the other
-common way to the same end.
+architecture epoch 4 to 11 % faster. :func:`keep_freed_memory` sets glibc's ``mallopt`` so
+that freed memory stays in the process for the next step. Preloading another allocator,
+such as jemalloc or tcmalloc, is the other common way to the same end.
 
 ``fxadapt train`` calls it unless given ``--no-keep-freed-memory``. The resident memory of
 the process then stays near its peak after a step rather than falling between steps. The
