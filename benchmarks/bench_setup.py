@@ -141,6 +141,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--arch-every", type=int, default=1, help="theta step on every K-th batch (default 1)"
     )
+    training.add_argument(
+        "--arch-lr",
+        type=float,
+        default=TrainConfig.arch_lr,
+        help=f"learning rate of theta, Adam (default {TrainConfig.arch_lr})",
+    )
 
     machine = parser.add_argument_group("machine")
     machine.add_argument(
@@ -176,6 +182,8 @@ def check_common_arguments(parser: argparse.ArgumentParser, arguments: argparse.
     for option in ("epochs", "batch_size", "arch_every"):
         if getattr(arguments, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if not arguments.arch_lr > 0:
+        parser.error(f"--arch-lr must be a positive number, got {arguments.arch_lr}")
     if arguments.threads is not None and arguments.threads < 1:
         parser.error("--threads must be at least 1")
     if not arguments.device.startswith("cuda"):
@@ -277,6 +285,7 @@ def build_trainer(
         batch_size=arguments.batch_size,
         arch_update=arch_update,
         arch_every=arguments.arch_every,
+        arch_lr=arguments.arch_lr,
         seed=seed,
         device=arguments.device,
     )
