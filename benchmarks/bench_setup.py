@@ -200,7 +200,7 @@ def set_malloc(arguments: argparse.Namespace) -> bool:
         return False
     if keep_freed_memory():
         return True
-    logger.warning("this C library is not glibc: the benchmark runs with its malloc as it is")
+    logger.warning("glibc not found: --keep-freed-memory has no effect on this C library")
     return False
 
 

@@ -48,7 +48,7 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        logger.debug("no glibc malloc here: the allocator keeps its own settings")
+        logger.debug("glibc not found: the C library keeps its malloc settings")
         return False
     applied = bool(
         mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)

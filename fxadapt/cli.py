@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments, extras = parser.parse_known_args(argv)
     if extras:
-        # Name the command whose options were wrong, not the top-level parser.
+        # The command's own parser reports unknown options, so the message names its help.
         command_parser = parser.command_parsers[arguments.command]
         command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     _configure_logging(arguments.verbose, arguments.debug)

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_parameters", "count_flops", "measure_latency", "compare_costs"]
+__all__ = [
+    "LATENCY_ROUNDS",
+    "compare_costs",
+    "count_flops",
+    "count_parameters",
+    "measure_latency",
+]
+
+# Rounds of latency timing in ``compare_costs``, each timing every module once.
+LATENCY_ROUNDS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +57,14 @@ def compare_costs(
     example_input: torch.Tensor,
     *,
     latency: bool = True,
-    rounds: int = 3,
+    rounds: int = LATENCY_ROUNDS,
 ) -> dict[str, dict[str, float]]:
     """Returns module name to its parameters, FLOPs and (optionally) latency in milliseconds.
 
     FLOPs and latency are per forward of ``example_input``. Latency is the median over
     ``rounds`` rounds that time every module once, in reversed order every other round, so
-    that a change in the machine's load touches all modules alike. It is still a time on
-    this machine at its load of the moment: compare modules within one table, not across
-    runs.
+    that a change in the machine's load touches all modules alike. It remains a time on
+    this machine at its current load. Compare modules within one result, not across runs.
     """
     result = {
         name: {

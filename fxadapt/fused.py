@@ -121,7 +121,9 @@ class MixedSum(nn.Module):
         first = next((index for index, term in enumerate(self.terms) if term.is_one), 0)
         self.order = (first, *(index for index in range(len(self.terms)) if index != first))
         if in_place and (len(self.terms) < 2 or not self.terms[first].is_one):
-            raise ValueError("an in-place sum needs two terms or more, one with coefficient 1")
+            raise ValueError(
+                "invalid in-place sum: it needs two terms or more, one with coefficient 1"
+            )
         self.in_place = in_place
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fxadapt.costs import LATENCY_ROUNDS
 from fxadapt.draw import RED
 from fxadapt.edges import EdgeTable
 from fxadapt.errors import FxadaptError
@@ -863,9 +864,9 @@ def _costs_section(report: dict) -> str:
     return (
         '<section id="costs"><h2>Costs</h2><p class="note">Costs of one forward on one image. '
         "The wrapped module includes the mixed edges and their theta. Latency is the median of "
-        "three rounds that alternate the modules, measured at the end of the run on the "
-        "machine that trained it, so compare the rows with each other rather than with other "
-        "runs.</p>"
+        f"{LATENCY_ROUNDS} rounds that alternate the modules, measured at the end of the run "
+        "on the machine that trained it, so compare the rows with each other rather than with "
+        "other runs.</p>"
         f'<table class="costs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
         "</section>"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from fxadapt.costs import LATENCY_ROUNDS
 from fxadapt.edges import EdgeTable
 from fxadapt.rundir import RunDir
 
@@ -132,10 +133,10 @@ def edge_table_view(table: EdgeTable, title: str = "Edges") -> Table:
     return view
 
 
-# The latency column's caution, under the cost table of the console and of report.md.
+# Text under the cost table of the console and of report.md, on reading its latency column.
 LATENCY_CAPTION = (
-    "Latency: median of 3 alternating rounds on this machine under its load at the time; "
-    "compare the rows with each other, not with other runs."
+    f"Latency: median of {LATENCY_ROUNDS} alternating rounds on this machine under its load "
+    "at the time. Compare the rows with each other, not with other runs."
 )
 
 

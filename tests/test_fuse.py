@@ -189,12 +189,18 @@ def test_edge_not_ending_in_batchnorm_stays_mixed():
     assert _mixed_calls(fused) == unfused_targets
 
 
-def test_mixed_sum_gradients_match_finite_differences():
+def _double_edges() -> dict[str, MixedEdge]:
+    """Returns two float64 mixed edges, "a" with three options and "b" with two, theta set."""
     edges = {"a": MixedEdge(("same", "identity", "none")), "b": MixedEdge(("same", "none"))}
     edges = {name: edge.double() for name, edge in edges.items()}
     with torch.no_grad():
         edges["a"].theta_identity.fill_(0.3)
         edges["b"].theta_same.fill_(-0.7)
+    return edges
+
+
+def test_mixed_sum_gradients_match_finite_differences():
+    edges = _double_edges()
     terms = [
         Term(1.0),
         Term(0.0, (("a", "identity"), ("b", "same"))),
@@ -243,11 +249,7 @@ def test_scaled_norm_rejects_other_layers():
 
 
 def test_in_place_sum_passes_gradcheck():
-    edges = {"a": MixedEdge(("same", "identity", "none")), "b": MixedEdge(("same", "none"))}
-    edges = {name: edge.double() for name, edge in edges.items()}
-    with torch.no_grad():
-        edges["a"].theta_identity.fill_(0.3)
-        edges["b"].theta_same.fill_(-0.7)
+    edges = _double_edges()
     terms = [Term(0.0, (("a", "identity"), ("b", "same"))), Term(1.0), Term(0.5, (("a", "same"),))]
     mixed_sum = MixedSum(terms, edges, in_place=True)
     tensors = [torch.randn(2, 3, dtype=torch.double, requires_grad=True) for _ in terms]
